@@ -1,0 +1,57 @@
+"""Pure loss functions. Tensors in, tensors out: no Lightning, no Hydra, no I/O.
+
+Shapes are given in comments: B batch, T time, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token cross-entropy averaged over the positions whose label is not ``ignore_index``.
+
+    logits: (B, T, V) predictions for every position.
+    labels: (B, T) token ids in Hugging Face convention: ``labels[:, t]`` is the token at position
+        ``t`` and is predicted from ``logits[:, t - 1]``; ``ignore_index`` marks tokens without loss
+        (prompt tokens, padding, the first token of every packed example).
+    Returns a scalar. Raises if no position carries a label (an all-prompt batch would otherwise
+    give NaN and poison the optimizer state).
+    """
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"masked_lm_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
+    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    n = (shift_labels != ignore_index).sum()
+    if n.item() == 0:
+        raise ValueError("masked_lm_loss: no position carries a label (every token is masked)")
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="sum",
+    )
+    return total / n
+
+
+def ranking_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Llama 2 binary ranking loss with a rating margin: mean of ``-log σ(r_c - r_r - m)``.
+
+    chosen_rewards, rejected_rewards, margin: (B,). A ``(B, 1)`` tensor is refused rather than
+    broadcast, since ``(B, 1) - (B,)`` silently forms a (B, B) matrix that mixes pairs.
+    """
+    if chosen_rewards.dim() != 1 or chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(
+            f"ranking_loss: chosen {tuple(chosen_rewards.shape)} and rejected {tuple(rejected_rewards.shape)} "
+            "must both have shape (B,)"
+        )
+    diff = chosen_rewards.float() - rejected_rewards.float()  # (B,)
+    if margin is not None:
+        if margin.shape != chosen_rewards.shape:
+            raise ValueError(f"ranking_loss: margin {tuple(margin.shape)} must have shape {tuple(chosen_rewards.shape)}")
+        diff = diff - margin.to(diff.dtype)
+    return -F.logsigmoid(diff).mean()
