@@ -1,0 +1,141 @@
+"""Packing tokenized examples into fixed-length rows (Llama 2 §3.1: fill the sequence length).
+
+Pure functions over lists of ints. Three layouts:
+- ``isolated`` (default): whole examples are placed into rows by best-fit-decreasing bin packing;
+  ``position_ids`` restart at 0 for every example, which (with no attention mask and no KV cache)
+  makes transformers build a block-diagonal causal mask, so an example attends only to itself.
+  The first label of every example is masked so no loss crosses an example boundary.
+- ``concat``: the paper's layout: all examples are concatenated into one stream and cut every
+  ``seq_len`` tokens; attention may cross examples; ``position_ids`` run 0..seq_len-1.
+- ``none``: one example per row, no padding here (the collator pads to the longest in a batch):
+  the baseline the packed layouts are measured against.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from llama2_lit.losses import IGNORE_INDEX
+
+PACKINGS = ("isolated", "concat", "none")
+OVERLONG = ("truncate", "drop", "split")
+
+
+@dataclass
+class PackStats:
+    examples: int = 0          # examples given
+    truncated: int = 0         # examples cut to seq_len
+    dropped: int = 0           # examples dropped (overlong with overlong=drop, or no label left after truncation)
+    rows: int = 0
+    tokens: int = 0            # non-pad tokens in rows
+    capacity: int = 0          # rows * seq_len (for `none`: the sum of row lengths)
+    label_tokens: int = 0      # tokens that carry a label
+
+    @property
+    def efficiency(self) -> float:
+        """Non-pad tokens / all tokens in the packed rows."""
+        return self.tokens / self.capacity if self.capacity else 0.0
+
+    def as_dict(self, prefix: str = "packing/") -> dict[str, float]:
+        d = {k: getattr(self, k) for k in ("examples", "truncated", "dropped", "rows", "tokens", "label_tokens")}
+        d["efficiency"] = self.efficiency
+        return {prefix + k: v for k, v in d.items()}
+
+
+@dataclass
+class Row:
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+
+
+def _fit(examples, seq_len: int, overlong: str, stats: PackStats):
+    """Apply the overlong policy; yield examples that fit (or all, for ``split``)."""
+    for ids, labels in examples:
+        stats.examples += 1
+        if len(ids) != len(labels):
+            raise ValueError(f"example {stats.examples}: {len(ids)} ids but {len(labels)} labels")
+        if len(ids) > seq_len and overlong != "split":
+            if overlong == "drop":
+                stats.dropped += 1
+                continue
+            ids, labels = ids[:seq_len], labels[:seq_len]
+            stats.truncated += 1
+        if all(x == IGNORE_INDEX for x in labels[1:]):
+            stats.dropped += 1  # nothing left to learn from (e.g. the prompt alone fills seq_len)
+            continue
+        yield ids, labels
+
+
+def pack(examples, seq_len: int, pad_id: int, packing: str = "isolated", overlong: str = "truncate"):
+    """Pack ``examples`` (an iterable of ``(input_ids, labels)``) into rows of ``seq_len`` tokens.
+
+    Returns ``(rows, stats)``; ``rows`` is a list of ``Row`` (lists of ints of length ``seq_len``,
+    except for ``packing='none'``). Pad positions carry ``pad_id`` and label ``IGNORE_INDEX``.
+    """
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got '{packing}'")
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be one of {OVERLONG}, got '{overlong}'")
+    if overlong == "split" and packing != "concat":
+        raise ValueError("overlong=split only makes sense with packing=concat (an isolated example cannot span rows)")
+    if seq_len < 2:
+        raise ValueError("seq_len must be >= 2")
+    stats = PackStats()
+    kept = list(_fit(examples, seq_len, overlong, stats))
+    if packing == "none":
+        rows = [Row(list(i), list(l), list(range(len(i)))) for i, l in kept]
+        stats.capacity = sum(len(r.input_ids) for r in rows)
+    elif packing == "concat":
+        rows = _concat(kept, seq_len, pad_id)
+        stats.capacity = len(rows) * seq_len
+    else:
+        rows = _best_fit(kept, seq_len, pad_id)
+        stats.capacity = len(rows) * seq_len
+    stats.rows = len(rows)
+    stats.tokens = sum(len(i) for i, _ in kept)
+    stats.label_tokens = sum(sum(1 for x in r.labels[1:] if x != IGNORE_INDEX) for r in rows)
+    return rows, stats
+
+
+def _concat(kept, seq_len: int, pad_id: int) -> list[Row]:
+    stream_ids = [t for ids, _ in kept for t in ids]
+    stream_labels = [t for _, labels in kept for t in labels]
+    rows = []
+    for s in range(0, len(stream_ids), seq_len):
+        ids, labels = stream_ids[s:s + seq_len], stream_labels[s:s + seq_len]
+        n = len(ids)
+        rows.append(Row(ids + [pad_id] * (seq_len - n), labels + [IGNORE_INDEX] * (seq_len - n), list(range(seq_len))))
+    return rows
+
+
+def _best_fit(kept, seq_len: int, pad_id: int) -> list[Row]:
+    """Best-fit decreasing: each example (longest first) goes into the open row it fills most tightly."""
+    order = sorted(range(len(kept)), key=lambda k: (-len(kept[k][0]), k))
+    bins: list[list[int]] = []           # example indices per row
+    free: list[tuple[int, int]] = []     # sorted (free space, row index)
+    for k in order:
+        n = len(kept[k][0])
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            space, b = free.pop(j)
+        else:
+            space, b = seq_len, len(bins)
+            bins.append([])
+        bins[b].append(k)
+        if space - n > 0:
+            bisect.insort(free, (space - n, b))
+    rows = []
+    for members in bins:
+        row = Row()
+        for k in sorted(members):  # keep the original order inside a row
+            ids, labels = kept[k]
+            row.input_ids += ids
+            row.labels += [IGNORE_INDEX] + labels[1:]  # no loss across the example boundary
+            row.position_ids += list(range(len(ids)))
+        pad = seq_len - len(row.input_ids)
+        row.input_ids += [pad_id] * pad
+        row.labels += [IGNORE_INDEX] * pad
+        row.position_ids += list(range(pad))  # padding forms its own block; it never reaches a real token
+        rows.append(row)
+    return rows

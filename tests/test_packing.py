@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+from data_modules.packing import pack
+from data_modules.records import tokenize_chat, tokenize_text
+from data_modules.sft import collate_rows
+from llama2_lit.losses import IGNORE_INDEX
+
+M = IGNORE_INDEX
+
+
+def ex(n_prompt, n_answer, start=10):
+    ids = list(range(start, start + n_prompt + n_answer))
+    return ids, [M] * n_prompt + ids[n_prompt:]
+
+
+def test_isolated_best_fit_rows_positions_and_labels_by_hand():
+    a, b, c = ex(2, 2, 10), ex(1, 2, 20), ex(3, 3, 30)  # lengths 4, 3, 6
+    rows, stats = pack([a, b, c], seq_len=8, pad_id=0, packing="isolated")
+    # best-fit decreasing: c (6) opens row 0; a (4) does not fit there, opens row 1; b (3) fits row 1 best
+    assert [r.input_ids for r in rows] == [[30, 31, 32, 33, 34, 35, 0, 0], [10, 11, 12, 13, 20, 21, 22, 0]]
+    assert [r.position_ids for r in rows] == [[0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 3, 0, 1, 2, 0]]
+    assert [r.labels for r in rows] == [[M, M, M, 33, 34, 35, M, M], [M, M, 12, 13, M, 21, 22, M]]
+    assert (stats.rows, stats.tokens, stats.capacity) == (2, 13, 16)
+    assert stats.efficiency == 13 / 16
+
+
+def test_isolated_masks_the_first_label_of_every_example_for_pretraining():
+    rows, _ = pack([([5, 6, 7], [5, 6, 7]), ([8, 9], [8, 9])], seq_len=5, pad_id=0, packing="isolated")
+    assert rows[0].labels == [M, 6, 7, M, 9]  # 8 would be predicted from 7: across the boundary
+
+
+def test_concat_streams_and_cuts_rows():
+    rows, stats = pack([ex(1, 2, 10), ex(1, 2, 20), ex(1, 1, 30)], seq_len=4, pad_id=0, packing="concat")
+    assert [r.input_ids for r in rows] == [[10, 11, 12, 20], [21, 22, 30, 31]]
+    assert [r.labels for r in rows] == [[M, 11, 12, M], [21, 22, M, 31]]
+    assert rows[0].position_ids == [0, 1, 2, 3]
+    assert stats.efficiency == 1.0
+
+
+def test_overlong_truncate_drop_split_are_counted():
+    long, short = ex(2, 8, 10), ex(1, 1, 50)
+    _, s = pack([long, short], seq_len=6, pad_id=0, packing="isolated", overlong="truncate")
+    assert (s.examples, s.truncated, s.dropped) == (2, 1, 0)
+    rows, s = pack([long, short], seq_len=6, pad_id=0, packing="isolated", overlong="drop")
+    assert (s.truncated, s.dropped, len(rows)) == (0, 1, 1)
+    rows, s = pack([long], seq_len=6, pad_id=0, packing="concat", overlong="split")
+    assert len(rows) == 2 and s.truncated == 0
+    # a prompt that fills seq_len leaves no answer: dropped, counted
+    _, s = pack([ex(7, 2)], seq_len=6, pad_id=0, packing="isolated", overlong="truncate")
+    assert (s.truncated, s.dropped) == (1, 1)
+    with pytest.raises(ValueError, match="split"):
+        pack([long], seq_len=6, pad_id=0, packing="isolated", overlong="split")
+
+
+def test_packed_batch_labels_exactly_the_answers_plus_eos(tok):
+    convs = [("Reverse the word: lemon", "nomel"), ("What is 2 + 3?", "5"), ("Sort the digits: 3 1 2", "1 2 3")]
+    examples = [tokenize_chat([{"role": "user", "content": p}, {"role": "assistant", "content": a}], tok)
+                for p, a in convs]
+    rows, _ = pack(examples, seq_len=64, pad_id=tok.pad_token_id, packing="isolated")
+    assert len(rows) == 1
+    batch = collate_rows(rows, tok.pad_token_id)
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    # token by token: every labelled token is an answer token or EOS, in order, and nothing else is
+    labelled = [int(t) for t, l in zip(ids, labels) if l != M]
+    assert tok.decode(labelled) == "nomel</s>5</s>1 2 3</s>"
+    assert all(int(l) == int(t) for t, l in zip(ids, labels) if l != M)
+    assert labelled.count(tok.eos_token_id) == 3
+    # the separator (<|assistant|>) and every prompt token carry no label
+    sep = tok.convert_tokens_to_ids("<|assistant|>")
+    assert all(l == M for t, l in zip(ids.tolist(), labels.tolist()) if t in (sep, tok.bos_token_id))
+    assert "attention_mask" not in batch and batch["position_ids"].shape == ids.unsqueeze(0).shape
+
+
+def test_multi_turn_labels_every_assistant_turn(tok):
+    msgs = [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"},
+            {"role": "user", "content": "Uppercase the word: cat"}, {"role": "assistant", "content": "CAT"}]
+    ids, labels = tokenize_chat(msgs, tok)
+    assert tok.decode([t for t, l in zip(ids, labels) if l != M]) == "2</s>CAT</s>"
+    assert tok.decode(ids, skip_special_tokens=False).startswith("<s><|user|>What is 1 + 1?<|assistant|>2</s>")
+
+
+def test_text_has_bos_eos_and_every_label(tok):
+    ids, labels = tokenize_text("hello", tok)
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and labels == ids
+
+
+def test_packed_isolated_logits_equal_separate_logits(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    examples = [tokenize_chat([{"role": "user", "content": p}, {"role": "assistant", "content": a}], tok)
+                for p, a in [("Reverse the word: lemon", "nomel"), ("What is 12 + 30?", "42"), ("Repeat the word dog 2 times.", "dog dog")]]
+    rows, _ = pack(examples, seq_len=64, pad_id=tok.pad_token_id, packing="isolated")
+    assert len(rows) == 1
+    batch = collate_rows(rows, tok.pad_token_id)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for ids, _ in examples:
+            alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start:start + len(ids)], alone, atol=1e-5, rtol=0)
+            start += len(ids)
+        # concat rows are NOT isolated: the second example sees the first
+        cat_rows, _ = pack(examples, seq_len=64, pad_id=tok.pad_token_id, packing="concat")
+        cat = collate_rows(cat_rows, tok.pad_token_id)
+        cat_logits = model(input_ids=cat["input_ids"], position_ids=cat["position_ids"], use_cache=False).logits[0]
+        n0 = len(examples[0][0])
+        assert (cat_logits[n0:n0 + 3] - packed[n0:n0 + 3]).abs().max() > 1e-3
+
+
+def test_none_packing_pads_to_longest_with_attention_mask():
+    rows, stats = pack([ex(1, 2), ex(2, 3)], seq_len=16, pad_id=0, packing="none")
+    batch = collate_rows(rows, 0)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 0, 0], [10, 11, 12, 13, 14]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["labels"][0].tolist() == [M, 11, 12, M, M]
+    assert stats.efficiency == 1.0
