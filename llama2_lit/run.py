@@ -1,0 +1,79 @@
+"""run(cfg): instantiate the DataModule, the stage's LightningModule and the Trainer; fit; write outputs.
+
+Outputs in ``cfg.paths.output_dir``: ``metrics.json`` (flat final scalars, reproducible for a seed),
+``perf.json`` (timings, which are not), ``hf/`` (model + tokenizer, ``from_pretrained``-ready),
+``checkpoints/`` and ``tensorboard/`` (Lightning), ``.hydra/`` (Hydra).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                continue
+            v = v.item()
+        if isinstance(v, (int, float)) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def build(cfg: DictConfig):
+    """The (datamodule, module, trainer) triple a config describes; nothing is run."""
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.stage.module, model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
+                         tokenizer=datamodule.tokenizer, _recursive_=False)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return datamodule, module, trainer
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train the configured stage; return the metrics written to ``metrics.json``."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = _scalars(dict(trainer.callback_metrics))
+    if cfg.get("final_validation", True) and trainer.limit_val_batches:
+        # the trained model's validation metrics (fit validates per epoch, not after a max_steps stop)
+        for result in trainer.validate(module, datamodule=datamodule, verbose=False):
+            metrics.update(_scalars(result))
+    metrics.update(_scalars(getattr(datamodule, "stats", {}) or {}))
+    for cb in trainer.callbacks:
+        metrics.update(_scalars(getattr(cb, "final_metrics", {}) or {}))
+    metrics["trainer/steps"] = float(trainer.global_step)
+    perf = {k: v for k, v in metrics.items() if k.startswith("perf/")}
+    metrics = {k: metrics[k] for k in sorted(metrics) if not k.startswith("perf/") and not k.endswith("_step")}
+    if trainer.is_global_zero:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (out / "perf.json").write_text(json.dumps(perf, indent=2, sort_keys=True) + "\n")
+        if hasattr(module, "export"):
+            module.export(out / "hf")
+        else:
+            module.model.save_pretrained(out / "hf", safe_serialization=True)
+            module.tokenizer.save_pretrained(out / "hf")
+        log.info("metrics: %s", json.dumps(metrics))
+        log.info("perf: %s", json.dumps(perf))
+        log.info("outputs in %s", out)
+    return metrics
