@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.packing import PackStats, Row, pack
+from data_modules.packing import OVERLONG, PACKINGS, Row, pack
 from data_modules.records import FORMATS, text_of, to_messages, tokenize_chat, tokenize_text
 from data_modules.sources import iter_records
 from llama2_lit.errors import DataError, UserError
@@ -88,6 +88,12 @@ class PackedSFTDataModule(L.LightningDataModule):
             raise UserError(f"data.mode: unknown '{mode}' (choose {list(MODES)})")
         if path != "synthetic" and format not in FORMATS:
             raise UserError(f"data.format: unknown '{format}' (choose {list(FORMATS)})")
+        if packing not in PACKINGS:
+            raise UserError(f"data.packing: unknown '{packing}' (choose {list(PACKINGS)})")
+        if overlong not in OVERLONG:
+            raise UserError(f"data.overlong: unknown '{overlong}' (choose {list(OVERLONG)})")
+        if overlong == "split" and packing != "concat":
+            raise UserError("data.overlong=split needs data.packing=concat (an isolated example cannot span rows)")
         if tokenizer.pad_token_id is None:
             raise UserError("tokenizer has no pad token")
         self.tokenizer = tokenizer

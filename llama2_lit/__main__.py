@@ -10,14 +10,26 @@ from llama2_lit import config as _config  # noqa: F401  (registers the ${project
 from llama2_lit.errors import UserError
 
 
+def _user_error(e: BaseException | None) -> UserError | None:
+    """The UserError behind ``e``: Hydra's instantiate wraps errors raised by the objects it builds."""
+    while e is not None:
+        if isinstance(e, UserError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from llama2_lit.run import run
 
     try:
         metrics = run(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a user error (possibly wrapped by hydra.utils.instantiate) is one line
+        user = _user_error(e)
+        if user is None:
+            raise
+        print(f"error: {user}", file=sys.stderr)
         sys.exit(2)
     # a sweeper may optimise this value
     return metrics.get("val/loss")

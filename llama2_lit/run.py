@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if hasattr(module, "export"):
             module.export(out / "hf")
         else:
-            module.model.save_pretrained(out / "hf", safe_serialization=True)
+            module.model.save_pretrained(out / "hf")
             module.tokenizer.save_pretrained(out / "hf")
         log.info("metrics: %s", json.dumps(metrics))
         log.info("perf: %s", json.dumps(perf))
