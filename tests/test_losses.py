@@ -52,3 +52,21 @@ def test_ranking_loss_refuses_column_vectors():
         ranking_loss(torch.zeros(3, 1), torch.zeros(3))
     with pytest.raises(ValueError, match="margin"):
         ranking_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3, 1))
+
+
+def test_adamw_cosine_schedule_warms_up_then_decays_to_the_floor():
+    from llama2_lit.modules.optim import adamw_cosine
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    cfg = adamw_cosine(model, total_steps=100, lr=1.0, warmup_ratio=0.03, warmup_steps=5, min_lr_ratio=0.1)
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert len(opt.param_groups[0]["params"]) == 1 and len(opt.param_groups[1]["params"]) == 3
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:6] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])  # max(5, 3% of 100) = 5 warm-up steps
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 94 / 95)), abs=1e-6)
+    assert min(lrs[5:]) >= 0.1 - 1e-9

@@ -116,6 +116,7 @@ def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerB
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # training: packed rows stay isolated only without a cache
+    model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
     if model_cfg.get("gradient_checkpointing"):  # transformers 5 renamed it; 4.x only has the old name
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model

@@ -5,10 +5,10 @@ from typing import Any, Mapping
 
 import lightning as L
 import torch
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from llama2_lit.losses import IGNORE_INDEX, masked_lm_loss
 from llama2_lit.models.loading import load_causal_lm
+from llama2_lit.modules.optim import adamw_cosine
 
 
 class SFTModule(L.LightningModule):
@@ -49,15 +49,6 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)  # no decay on norms and biases
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(int(hp.warmup_steps), int(hp.warmup_ratio * total))
-        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=min(warmup, total),
-                                                            num_training_steps=total, min_lr_rate=hp.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self.model, self.trainer.estimated_stepping_batches, lr=hp.lr,
+                            weight_decay=hp.weight_decay, betas=hp.betas, eps=hp.eps, warmup_steps=hp.warmup_steps,
+                            warmup_ratio=hp.warmup_ratio, min_lr_ratio=hp.min_lr_ratio)
