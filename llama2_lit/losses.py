@@ -55,3 +55,43 @@ def ranking_loss(
             raise ValueError(f"ranking_loss: margin {tuple(margin.shape)} must have shape {tuple(chosen_rewards.shape)}")
         diff = diff - margin.to(diff.dtype)
     return -F.logsigmoid(diff).mean()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is true. x, mask: (B, T). Returns a scalar."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, averaged over response tokens.
+
+    logprobs, old_logprobs, advantages, mask: (B, T) (mask true on response tokens).
+    loss = mean(max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε))) with ρ = exp(logπ - logπ_old).
+    Returns ``(loss, clip_fraction, approx_kl)``: the fraction of tokens where the clipped term is taken,
+    and the k3 estimate mean((ρ - 1) - log ρ) of KL(π_old‖π) over the response tokens.
+    """
+    if not (logprobs.shape == old_logprobs.shape == advantages.shape == mask.shape):
+        raise ValueError("ppo_policy_loss: logprobs, old_logprobs, advantages and mask must share a (B, T) shape")
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)  # (B, T)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+    return loss, clip_frac, approx_kl
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.2) -> torch.Tensor:
+    """Clipped value loss: 0.5 · mean(max((V - R)², (V_old + clip(V - V_old, ±ε) - R)²)) over response tokens.
+
+    values, old_values, returns, mask: (B, T).
+    """
+    if not (values.shape == old_values.shape == returns.shape == mask.shape):
+        raise ValueError("value_loss: values, old_values, returns and mask must share a (B, T) shape")
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)

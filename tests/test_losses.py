@@ -70,3 +70,33 @@ def test_adamw_cosine_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[:6] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])  # max(5, 3% of 100) = 5 warm-up steps
     assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 94 / 95)), abs=1e-6)
     assert min(lrs[5:]) >= 0.1 - 1e-9
+
+
+def test_ppo_policy_loss_clipped_ratio_example():
+    from llama2_lit.losses import ppo_policy_loss
+
+    # ratios 1.5, 0.5, 1.1 on three tokens, advantages +1, +1, -1, clip 0.2
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, clip_frac, approx_kl = ppo_policy_loss(new, old, adv, mask, clip=0.2)
+    # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(-0.5, -0.8) = -0.5; token 3: max(1.1, 1.1) = 1.1
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1) / 3, abs=1e-6)
+    assert clip_frac.item() == pytest.approx(1 / 3)
+    want_kl = sum((r - 1) - math.log(r) for r in (1.5, 0.5, 1.1)) / 3
+    assert approx_kl.item() == pytest.approx(want_kl, abs=1e-6)
+    # masked tokens do not count
+    loss_m, _, _ = ppo_policy_loss(new, old, adv, torch.tensor([[True, False, False]]))
+    assert loss_m.item() == pytest.approx(-1.2, abs=1e-6)
+
+
+def test_value_loss_clips_the_update():
+    from llama2_lit.losses import value_loss
+
+    old = torch.tensor([[0.0, 0.0]])
+    values = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[1.0, 1.0]])
+    # token 1: unclipped (1-1)^2 = 0, clipped (0.2-1)^2 = 0.64 -> 0.64; token 2: (0.1-1)^2 = 0.81 both ways
+    got = value_loss(values, old, returns, torch.ones(1, 2, dtype=torch.bool), clip=0.2)
+    assert got.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2, abs=1e-6)
