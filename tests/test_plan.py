@@ -1,0 +1,62 @@
+import pytest
+
+from llama2_lit.plan import GIB, Shape, activation_bytes, plan_memory, smallest_fit
+
+LLAMA2 = {
+    "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32),
+    "llama2_70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8),
+}
+
+
+def test_exact_parameter_counts_on_the_meta_device():
+    s7 = Shape.from_config(LLAMA2["llama2_7b"])
+    assert s7.params == 6_738_415_616
+    assert s7.layer_params == 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    s70 = Shape.from_config(LLAMA2["llama2_70b"])
+    assert s70.params == 68_976_648_192 and s70.kv_hidden == 1024
+
+
+def test_hand_worked_plan():
+    # a toy shape with round numbers: P = 1e9 parameters, 10 layers of 1e8, h = 1000, h_kv = 500, f = 3000, V = 100
+    s = Shape(params=10**9, layers=10, hidden=1000, kv_hidden=500, ffn=3000, vocab=100, layer_params=10**8)
+    p = plan_memory({"policy": s}, {"ref": s}, gpus=4, gpu_memory_gib=80, precision="bf16-mixed",
+                    micro_batch=2, seq_len=1000, checkpointing=True, overhead_gib=2.0)
+    c = p.components
+    assert c["policy: weights"] == 1e9 * 4 / 4
+    assert c["policy: gradients"] == 1e9 * 4 / 4
+    assert c["policy: optimizer"] == 1e9 * 8 / 4
+    assert c["ref: frozen weights"] == 1e9 * 2 / 4
+    assert c["gathered layers (current + prefetch)"] == 2 * 1e8 * 2
+    # tokens 2000; per layer (7*1000 + 3*500 + 4*3000) = 20500 values/token * 2 bytes
+    per_layer = 20500 * 2000 * 2
+    assert c["activations"] == 10 * 1000 * 2000 * 2 + per_layer + 100 * 2000 * 10
+    assert activation_bytes(s, 2000, False, 2) == 10 * per_layer + 100 * 2000 * 10
+    assert p.train_peak == sum(c.values())
+    assert p.fits  # about 4.6 GiB
+
+
+def test_generation_phase_and_smallest_fit():
+    s = Shape.from_config(LLAMA2["llama2_70b"])
+    gen = {"policy": "policy", "batch": 64, "length": 1024}
+
+    def at(n):
+        return plan_memory({"policy": s, "value": s}, {"reference": s, "rm_helpful": s, "rm_safety": s},
+                           gpus=n, gpu_memory_gib=80, generation=gen)
+
+    p8 = at(8)
+    assert not p8.fits
+    kv = 2 * 80 * 64 * 1024 * 1024 * 2
+    assert p8.generation["kv cache"] == kv
+    assert p8.generation["policy: consolidated per node"] == s.params * 2 / 8
+    n = smallest_fit(at)
+    assert n is not None and at(n).fits and not at(n - 8 if n > 8 else n // 2).fits
+    # five 70B models, two of them trained with fp32 states: (16 + 16 + 3 * 2) bytes * 69e9 ~ 2.6 TB
+    assert at(n).train_peak / GIB < 80
+
+
+def test_unknown_precision_is_refused():
+    s = Shape(params=10, layers=1, hidden=1, kv_hidden=1, ffn=1, vocab=1, layer_params=10)
+    with pytest.raises(ValueError, match="precision"):
+        plan_memory({"p": s}, {}, gpus=1, gpu_memory_gib=1, precision="fp8")
