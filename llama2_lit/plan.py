@@ -120,8 +120,9 @@ def plan_memory(trainable: Mapping[str, Shape], frozen: Mapping[str, Shape], gpu
         c[f"{name}: frozen weights"] = 0.0 if offload else s.params * cb / gpus
     biggest = max(all_models.values(), key=lambda s: s.layer_params)
     c["gathered layers (current + prefetch)"] = 2 * biggest.layer_params * cb
-    act = max(activation_bytes(s, micro_batch * seq_len, checkpointing, cb) for s in trainable.values())
-    c["activations"] = act
+    if trainable:
+        c["activations"] = max(activation_bytes(s, micro_batch * seq_len, checkpointing, cb)
+                               for s in trainable.values())
     c["cuda context + fragmentation"] = overhead_gib * GIB
     if generation:
         pol = all_models[generation["policy"]]
@@ -158,3 +159,66 @@ def format_plan(plan: Plan, title: str) -> str:
     verdict = "fits" if plan.fits else "does NOT fit"
     rows.append(f"peak {plan.peak / GIB:.2f} GiB of {plan.gpu_memory_gib:.0f} GiB on each of {plan.gpus} GPUs: {verdict}")
     return "\n".join(rows)
+
+
+# -- from a composed config -------------------------------------------------------------------------
+def _shape(model_cfg: Mapping[str, Any]) -> Shape:
+    if not model_cfg.get("config"):
+        raise ValueError(f"model '{model_cfg.get('name')}' has no `config` dimensions to plan with")
+    dims = dict(model_cfg["config"])
+    dims.setdefault("vocab_size", 32000)
+    return Shape.from_config(dims)
+
+
+def _rm_shape(s: Shape) -> Shape:
+    """A reward model: the LM head (vocab x hidden) replaced by a scalar head (1 x hidden)."""
+    return Shape(params=s.params - s.vocab * s.hidden + s.hidden, layers=s.layers, hidden=s.hidden,
+                 kv_hidden=s.kv_hidden, ffn=s.ffn, vocab=1, layer_params=s.layer_params)
+
+
+def plan_from_cfg(cfg) -> tuple[Plan, int | None, str]:
+    """The plan of a composed config: ``(plan, smallest fitting GPU count, printable text)``.
+
+    The stage decides which models exist: sft/pretrain/rs_distill train the policy; rm trains a
+    reward model; rs samples from a frozen policy scored by two frozen RMs; ppo trains policy and
+    value model beside a frozen reference and two frozen RMs (paper §3.2.3), all of the model's size.
+    """
+    from omegaconf import OmegaConf
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    pc = OmegaConf.to_container(cfg.planner, resolve=True) if cfg.get("planner") else {}
+    s = _shape(model_cfg)
+    stage = cfg.stage.name
+    seq_len = int(cfg.stage.get("seq_len", 4096))
+    micro = int(cfg.stage.get("batch_size", 1))
+    gen = None
+    if stage == "rm":
+        trainable, frozen = {"reward model": _rm_shape(s)}, {}
+        micro *= 2  # chosen and rejected in one forward
+    elif stage == "ppo":
+        trainable = {"policy": s, "value": _rm_shape(s)}
+        frozen = {"reference": s, "helpfulness RM": _rm_shape(s), "safety RM": _rm_shape(s)}
+        gen = {"policy": "policy", "batch": int(pc.get("generation_batch", micro)), "length": seq_len}
+    elif stage == "rs":
+        trainable, frozen = {}, {"policy": s, "helpfulness RM": _rm_shape(s), "safety RM": _rm_shape(s)}
+        gen = {"policy": "policy", "batch": int(pc.get("generation_batch", micro)), "length": seq_len}
+    else:
+        trainable, frozen = {"policy": s}, {}
+    devices = cfg.trainer.get("devices", 1)
+    per_node = int(pc.get("gpus_per_node") or (devices if isinstance(devices, int) and devices > 0 else 8))
+    gpus = int(pc.get("gpus") or per_node * int(cfg.trainer.get("num_nodes", 1) or 1))
+    precision = str(cfg.trainer.get("precision", "bf16-mixed"))
+    kwargs = dict(gpu_memory_gib=float(pc.get("gpu_memory_gib", 80)), precision=precision, micro_batch=micro,
+                  seq_len=seq_len, checkpointing=bool(model_cfg.get("gradient_checkpointing", False)),
+                  generation=gen, offload=bool(pc.get("offload", False)), gpus_per_node=per_node)
+    def at(n: int) -> Plan:
+        return plan_memory(trainable, frozen, gpus=n, **kwargs)
+
+    plan = at(gpus)
+    need = smallest_fit(at)
+    counts = ", ".join(f"{k} {v.params:,}" for k, v in {**trainable, **frozen}.items())
+    title = (f"memory plan: stage={stage} model={model_cfg.get('name')} ({counts} parameters), "
+             f"precision={precision}, micro-batch {micro} x {seq_len} tokens, activation checkpointing "
+             f"{'on' if kwargs['checkpointing'] else 'off'}, {gpus} GPUs of {kwargs['gpu_memory_gib']:.0f} GiB")
+    text = format_plan(plan, title) + f"\nsmallest GPU count that fits: {need if need else 'none up to 4096'}"
+    return plan, need, text
