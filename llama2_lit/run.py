@@ -48,6 +48,12 @@ def build(cfg: DictConfig):
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train the configured stage; return the metrics written to ``metrics.json``."""
+    if cfg.get("plan"):
+        from llama2_lit.plan import plan_from_cfg
+
+        plan, need, text = plan_from_cfg(cfg)
+        print(text)
+        return {"plan/peak_gib": plan.peak / 2**30, "plan/gpus_needed": float(need or 0), "plan/fits": float(plan.fits)}
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)

@@ -60,3 +60,14 @@ def test_unknown_precision_is_refused():
     s = Shape(params=10, layers=1, hidden=1, kv_hidden=1, ffn=1, vocab=1, layer_params=10)
     with pytest.raises(ValueError, match="precision"):
         plan_memory({"p": s}, {}, gpus=1, gpu_memory_gib=1, precision="fp8")
+
+
+def test_plan_true_prints_the_plan_and_trains_nothing(make_cfg, tmp_path, capsys):
+    from llama2_lit.run import run
+
+    m = run(make_cfg("model=llama2_7b", "plan=true", "stage.batch_size=1", "trainer.devices=8", small=False,
+                     out=tmp_path / "run"))
+    text = capsys.readouterr().out
+    assert "policy 6,738,415,616 parameters" in text and "smallest GPU count that fits" in text
+    assert m["plan/fits"] == 1.0 and m["plan/gpus_needed"] <= 8
+    assert not (tmp_path / "run").exists()
