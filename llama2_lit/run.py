@@ -54,6 +54,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         plan, need, text = plan_from_cfg(cfg)
         print(text)
         return {"plan/peak_gib": plan.peak / 2**30, "plan/gpus_needed": float(need or 0), "plan/fits": float(plan.fits)}
+    if cfg.stage.get("runner"):  # a stage that is not gradient training (e.g. rejection sampling)
+        from hydra.utils import get_method
+
+        return get_method(cfg.stage.runner)(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
