@@ -113,8 +113,8 @@ def framework_only(args, model_cfg, tok, examples, n_steps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=3000)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-rows", type=int, default=8, help="packed rows per step")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-rows", type=int, default=16, help="packed rows per step")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per variant (after warm-up)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is reported")

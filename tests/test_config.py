@@ -72,7 +72,7 @@ def test_llama2_configs_have_the_paper_dimensions(make_cfg, name):
 
 
 def test_scale_specialisation_follows_stage_and_model(make_cfg):
-    assert make_cfg(small=False).stage.seq_len == 512  # sft x tiny
+    assert make_cfg(small=False).stage.seq_len == 256  # sft x tiny
     assert make_cfg("model=smollm2_135m", small=False).stage.seq_len == 512
     assert make_cfg("model=llama2_7b", small=False).stage.seq_len == 4096  # the paper's
     assert make_cfg("model=llama2_7b", small=False).stage.batch_size == 64
