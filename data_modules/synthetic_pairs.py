@@ -1,0 +1,242 @@
+"""Preference pairs from the synthetic world, labelled by a simulated annotator with gold scores.
+
+For each world prompt, two responses are sampled, either from a policy checkpoint (a causal LM folder,
+e.g. an SFT run's ``hf/``; each response at a temperature drawn from ``temperatures``, as the paper
+varies temperature) or, with ``policy: perturb``, by :func:`llama2_lit.world.perturb` at two random noise
+levels (no model: fast, for tests). The simulated annotator (:func:`annotate`) then
+
+* on helpfulness prompts compares ``world.gold_helpfulness``; on safety prompts ``world.gold_safety``
+  (ties broken by helpfulness), so an unsafe response is never chosen over a safe one;
+* chooses the gold-better response, rates the pair from the gold gap (``thresholds``: the smallest gap
+  for ``significantly_better``, ``better``, ``slightly_better``; below that ``negligibly_better``);
+  equal gold scores carry no preference and are dropped (``ties: drop``, counted), or kept as
+  ``negligibly_better`` with a random choice (``ties: keep``, the paper's "unsure");
+* flips the choice with probability ``label_noise`` (annotator error; the rating is kept).
+
+Identical or empty responses are resampled up to ``max_tries`` times, then counted (``unpaired``) and
+left out. The pairs are
+written as flat JSONL (``prompt``, ``chosen``, ``rejected``, ``rating``, ``is_safety`` plus the gold
+scores for inspection) under a cache folder keyed by every setting and the policy's files, and copied
+to ``<run_dir>/pairs/{train,val}.jsonl``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from data_modules.preferences import RATINGS
+from llama2_lit import world
+from llama2_lit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLDS = {"significantly_better": 0.5, "better": 0.25, "slightly_better": 0.15}
+_VERSION = 2
+
+
+def rate(gap: float, thresholds: Mapping[str, float] = DEFAULT_THRESHOLDS) -> str:
+    """The rating of a pair whose gold scores differ by ``gap`` >= 0 (thresholds: smallest gap per rating)."""
+    for r in RATINGS[:-1]:
+        if gap >= thresholds[r]:
+            return r
+    return "negligibly_better"
+
+
+def annotate(prompt: str, a: str, b: str, rng: random.Random, *, thresholds: Mapping[str, float] = DEFAULT_THRESHOLDS,
+             label_noise: float = 0.0, ties: str = "drop") -> dict | None:
+    """The simulated annotator's record for responses ``a``, ``b`` to a world prompt, or None (identical
+    or empty responses, or a tie with ``ties='drop'``). See the module docstring for the rules."""
+    if a.strip() == b.strip() or not a.strip() or not b.strip():
+        return None
+    is_safety = world.is_safety_prompt(prompt)
+    ha, hb = world.gold_helpfulness(prompt, a), world.gold_helpfulness(prompt, b)
+    sa, sb = world.gold_safety(prompt, a), world.gold_safety(prompt, b)
+    gap = (sa - sb) if is_safety and sa != sb else (ha - hb)
+    if gap == 0:
+        if ties == "drop":
+            return None
+        a_first = rng.random() < 0.5
+    else:
+        a_first = gap > 0
+    chosen, rejected = (a, b) if a_first else (b, a)
+    flipped = rng.random() < label_noise
+    if flipped:
+        chosen, rejected = rejected, chosen
+    c_is_a = a_first != flipped
+    return {
+        "prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rate(abs(gap), thresholds),
+        "is_safety": is_safety, "source": "synthetic", "gold_gap": abs(gap), "label_flipped": flipped,
+        "gold_helpfulness": [ha, hb] if c_is_a else [hb, ha], "gold_safety": [sa, sb] if c_is_a else [sb, sa],
+    }
+
+
+# ------------------------------------------------------------------------------------------ samplers
+
+
+def sample_perturb(tasks: Sequence[world.Task], rng: random.Random) -> list[tuple[str, str]]:
+    """Two answers per task from ``world.perturb`` at two noise levels drawn uniformly from [0, 1]."""
+    return [(world.perturb(t, rng, rng.random()), world.perturb(t, rng, rng.random())) for t in tasks]
+
+
+def sample_policy(model, tokenizer, prompts: Sequence[str], rng: random.Random, *, temperatures: Sequence[float],
+                  top_p: float = 1.0, max_new_tokens: int = 24, batch_size: int = 64) -> list[tuple[str, str]]:
+    """Two sampled answers per prompt, each at a temperature drawn from ``temperatures`` (0 = greedy)."""
+    from llama2_lit.generation import generate
+
+    temps = [(rng.choice(list(temperatures)), rng.choice(list(temperatures))) for _ in prompts]
+    out: list[list[str]] = [["", ""] for _ in prompts]
+    for t in sorted(set(float(x) for x in temperatures)):
+        reqs = [(i, s) for i in range(len(prompts)) for s in (0, 1) if float(temps[i][s]) == t]
+        if not reqs:
+            continue
+        kw = dict(do_sample=True, temperature=t, top_p=top_p) if t > 0 else dict(do_sample=False)
+        gens = generate(model, tokenizer, [prompts[i] for i, _ in reqs], max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, **kw)
+        for (i, s), g in zip(reqs, gens):
+            out[i][s] = g[0]
+    return [(a, b) for a, b in out]
+
+
+def make_pairs(tasks: Sequence[world.Task], sampler, rng: random.Random, *, max_tries: int = 3,
+               **annotator) -> tuple[list[dict], dict[str, float]]:
+    """Annotated pair records for ``tasks``; ``sampler(tasks) -> [(a, b)]`` is called again for the tasks whose
+    two answers are identical or empty, at most ``max_tries`` times in all."""
+    records: dict[int, dict] = {}
+    pending = list(range(len(tasks)))
+    ties = gold_sum = n_samples = 0
+    for _ in range(max(1, max_tries)):
+        if not pending:
+            break
+        answers = sampler([tasks[i] for i in pending])
+        retry = []
+        for i, (a, b) in zip(pending, answers):
+            if n_samples < 2 * len(tasks):  # policy quality: the first two samples of every prompt
+                gold_sum += world.gold_helpfulness(tasks[i].prompt, a) + world.gold_helpfulness(tasks[i].prompt, b)
+                n_samples += 2
+            if a.strip() == b.strip() or not a.strip() or not b.strip():  # no pair: sample again
+                retry.append(i)
+                continue
+            rec = annotate(tasks[i].prompt, a, b, rng, **annotator)
+            if rec is None:  # a dropped tie
+                ties += 1
+                continue
+            ties += rec["gold_gap"] == 0
+            records[i] = rec
+        pending = retry
+    out = [records[i] for i in sorted(records)]
+    stats = {
+        "prompts": len(tasks), "pairs": len(out), "unpaired": len(pending), "ties": ties,
+        "label_flipped": sum(r["label_flipped"] for r in out), "safety_pairs": sum(r["is_safety"] for r in out),
+        "sample_gold_helpfulness": gold_sum / max(1, n_samples),
+        "mean_gold_gap": sum(r["gold_gap"] for r in out) / max(1, len(out)),
+    }
+    for r in RATINGS:
+        stats[f"rating/{r}"] = sum(x["rating"] == r for x in out)
+    return out, stats
+
+
+# ---------------------------------------------------------------------------------------- the files
+
+
+def _fingerprint(policy: str | None) -> list:
+    if not policy or policy == "perturb":
+        return ["perturb"]
+    p = Path(policy)
+    if not p.exists():
+        raise UserError(f"data.synthetic.policy: '{policy}' does not exist (a causal LM folder, or 'perturb')")
+    return [str(p.resolve())] + sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
+                                       if f.is_file())
+
+
+def _load_policy(policy: str, tokenizer):
+    from transformers import AutoTokenizer
+
+    from llama2_lit.models.loading import load_causal_lm
+
+    tok = tokenizer
+    if (Path(policy) / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(policy)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+    model = load_causal_lm({"path": policy, "dtype": "float32", "attn_implementation": "sdpa"}, tok)
+    return model.eval(), tok
+
+
+def build_synthetic_pairs(tokenizer=None, *, seed: int = 0, run_dir: str | None = None, cache_dir: str | None = None,
+                          policy: str | None = "perturb", num_train: int = 4000, num_val: int = 400,
+                          num_eval: int = 0, safety_fraction: float = 0.2,
+                          temperatures: Sequence[float] = (0.7, 1.0, 1.3),
+                          top_p: float = 1.0, max_new_tokens: int = 24, gen_batch_size: int = 64,
+                          thresholds: Mapping[str, float] | None = None, label_noise: float = 0.0, ties: str = "drop",
+                          max_tries: int = 3, **unknown: Any) -> tuple[dict[str, str], dict[str, float]]:
+    """Write train (``split=train`` prompts, ``seed``) and val (held-out prompts, ``seed + 1``) pair files.
+
+    ``policy``: a causal LM folder to sample from, or ``perturb`` / null (no model). ``num_eval`` is
+    accepted and unused (shared with the SFT world options). Returns ``({"train": path, "val": path},
+    stats)`` with stats flattened as ``data/synthetic/<split>/<key>``.
+    """
+    if unknown:
+        raise UserError(f"data.synthetic: unknown option(s) {sorted(unknown)}")
+    if ties not in ("keep", "drop"):
+        raise UserError(f"data.synthetic.ties: unknown '{ties}' (choose keep, drop)")
+    if not 0.0 <= label_noise <= 0.5:
+        raise UserError(f"data.synthetic.label_noise must be in [0, 0.5], got {label_noise}")
+    thr = {**DEFAULT_THRESHOLDS, **dict(thresholds or {})}
+    policy = None if policy in (None, "", "perturb") else str(policy)
+    settings = dict(v=_VERSION, seed=seed, policy=_fingerprint(policy), num_train=num_train, num_val=num_val,
+                    safety_fraction=safety_fraction, temperatures=[float(t) for t in temperatures], top_p=top_p,
+                    max_new_tokens=max_new_tokens, thresholds=thr, label_noise=label_noise, ties=ties,
+                    max_tries=max_tries)
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / "synthetic_pairs" / key if cache_dir else Path(run_dir or ".") / "pairs"
+    files = {s: folder / f"{s}.jsonl" for s in ("train", "val")}
+    stats_file = folder / "stats.json"
+    if all(f.exists() for f in files.values()) and stats_file.exists():
+        log.info("synthetic pairs: reusing %s", folder)
+        stats = json.loads(stats_file.read_text())
+    else:
+        stats = _generate(folder, files, settings, policy, tokenizer, seed, thr, gen_batch_size)
+        stats_file.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    if run_dir and cache_dir:  # a copy next to the run, for inspection
+        dest = Path(run_dir) / "pairs"
+        dest.mkdir(parents=True, exist_ok=True)
+        for s, f in files.items():
+            shutil.copyfile(f, dest / f.name)
+        files = {s: dest / f.name for s, f in files.items()}
+    return {s: str(f) for s, f in files.items()}, stats
+
+
+def _generate(folder: Path, files, settings, policy, tokenizer, seed, thr, gen_batch_size) -> dict[str, float]:
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tok = None
+    if policy is not None:
+        model, tok = _load_policy(policy, tokenizer)
+    stats: dict[str, float] = {}
+    splits = {"train": ("train", settings["num_train"], seed), "val": ("heldout", settings["num_val"], seed + 1)}
+    for name, (split, n, s) in splits.items():
+        tasks = world.generate_tasks(n, seed=s, split=split, safety_fraction=settings["safety_fraction"])
+        rng = random.Random(f"synthetic-pairs|{name}|{s}")
+        if model is None:
+            sampler = lambda ts: sample_perturb(ts, rng)  # noqa: E731
+        else:
+            def sampler(ts):
+                return sample_policy(model, tok, [t.prompt for t in ts], rng, temperatures=settings["temperatures"],
+                                     top_p=settings["top_p"], max_new_tokens=settings["max_new_tokens"],
+                                     batch_size=gen_batch_size)
+        with torch.random.fork_rng():
+            torch.manual_seed(s)
+            records, st = make_pairs(tasks, sampler, rng, max_tries=settings["max_tries"], thresholds=thr,
+                                     label_noise=settings["label_noise"], ties=settings["ties"])
+        tmp = files[name].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(files[name])
+        stats.update({f"data/synthetic/{name}/{k}": v for k, v in st.items()})
+        log.info("synthetic %s pairs (%s): %s", name, "perturb" if model is None else policy, st)
+    return stats

@@ -1,0 +1,160 @@
+"""Reward models: a Llama whose LM head is replaced by a scalar regression head (Llama 2 section 3.2.2).
+
+The model is transformers' own ``LlamaForSequenceClassification`` (``AutoModelForSequenceClassification``
+for other architectures) with ``num_labels=1``: it reads the score at the last token that is not the
+pad token, so the tokenizer's pad token must differ from EOS (see ``load_tokenizer``). An exported
+folder loads back with ``AutoModelForSequenceClassification.from_pretrained`` and scores identically.
+
+    model = load_reward_model({"path": "outputs/runs/sft/hf"}, tokenizer)   # LM head -> scalar head
+    rm, tok = load_exported("outputs/runs/rm/hf")
+    rewards = score(rm, tok, ["What is 2 + 2?"], ["4"])                      # tensor (1,)
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification,
+                          PreTrainedTokenizerBase)
+
+from data_modules.pairwise import encode_response, pad_right
+from llama2_lit.errors import UserError
+from llama2_lit.models.loading import llama_config, resolve_path, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+def load_reward_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                      freeze_layers: int | None = None) -> torch.nn.Module:
+    """A scalar-head sequence classifier as ``model_cfg`` says.
+
+    ``model_cfg.path`` set: a causal LM checkpoint (its LM head is dropped, a new ``score`` head is
+    initialised) or an exported reward model (its head is kept). ``model_cfg.path`` null: random init
+    from ``model_cfg.config`` sized to the tokenizer. ``freeze_layers`` (default ``model_cfg.freeze_layers``,
+    else 0): see :func:`freeze_lower_layers`.
+    """
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise UserError("reward model: the tokenizer needs a pad token distinct from EOS "
+                        "(the score is read at the last non-pad token)")
+    dtype = torch_dtype(model_cfg.get("dtype", "float32"))
+    attn = model_cfg.get("attn_implementation", "sdpa")
+    path = model_cfg.get("path")
+    if path:
+        src = resolve_path(path)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                src, num_labels=1, dtype=dtype, attn_implementation=attn, use_safetensors=True,
+                trust_remote_code=False)
+        except OSError as e:
+            raise UserError(f"model.path: could not load a model from '{path}': {e}") from None
+    else:
+        if not model_cfg.get("config"):
+            raise UserError("model: set either model.path (a checkpoint) or model.config (dimensions for random init)")
+        cfg = llama_config(tokenizer, model_cfg["config"])
+        cfg.num_labels = 1
+        cfg._attn_implementation = attn
+        model = LlamaForSequenceClassification(cfg).to(dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.problem_type = "regression"
+    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+    model.config.use_cache = False
+    if model_cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    n = model_cfg.get("freeze_layers", 0) if freeze_layers is None else freeze_layers
+    freeze_lower_layers(model, int(n or 0))
+    return model
+
+
+def freeze_lower_layers(model: torch.nn.Module, n: int) -> int:
+    """Freeze the input embeddings and the lowest ``n`` decoder layers (``n < 0``: all but the top ``-n``).
+
+    ``n = 0`` freezes nothing. The final norm and the score head always train. Autograd then stops at
+    the first trainable layer, so frozen layers cost a forward pass only. Returns the number of frozen layers.
+    """
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise UserError(f"freeze_layers: {type(model).__name__} has no decoder layer list (base_model.layers)")
+    total = len(layers)
+    k = n if n >= 0 else total + n
+    if not 0 <= k <= total:
+        raise UserError(f"freeze_layers={n}: the model has {total} decoder layers")
+    if k == 0:
+        return 0
+    for p in model.get_input_embeddings().parameters():
+        p.requires_grad_(False)
+    for layer in layers[:k]:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("froze embeddings and %d of %d decoder layers: %.2fM trainable parameters", k, total, trainable / 1e6)
+    return k
+
+
+def rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar rewards (N,) float32 for right- (or left-) padded ``input_ids`` (N, T)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | list[dict]],
+          responses: Sequence[str], batch_size: int = 16, max_length: int | None = None) -> torch.Tensor:
+    """Rewards (N,) for ``responses[i]`` answering ``prompts[i]`` (a user string or chat messages).
+
+    Each conversation is rendered with the tokenizer's chat template exactly as the reward model was
+    trained (``data_modules.pairwise.encode_response``; ``max_length`` left-truncates the prompt), and
+    scored in length-sorted, right-padded batches. The model's training mode is restored afterwards.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"score: {len(prompts)} prompts for {len(responses)} responses")
+    ids = [encode_response(tokenizer, p, r, max_length).ids for p, r in zip(prompts, responses)]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out = torch.empty(len(ids), dtype=torch.float32)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), batch_size):
+            chunk = order[s:s + batch_size]
+            x, m = pad_right([ids[i] for i in chunk], tokenizer.pad_token_id)
+            out[chunk] = rewards(model, x.to(device), m.to(device)).cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def export_reward_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path,
+                        metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save ``model`` and ``tokenizer`` to ``path`` (``AutoModelForSequenceClassification``-ready).
+
+    ``metadata`` (e.g. ``{"reward": "safety", "margin": "small"}``) is stored in ``config.json`` under
+    ``llama2_lit``. Frozen parameters are saved like any other.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.num_labels = 1
+    if metadata:
+        model.config.llama2_lit = dict(metadata)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def load_exported(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` of an exported reward model folder, in eval mode."""
+    src = resolve_path(str(path), "reward model path")
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForSequenceClassification.from_pretrained(src, dtype=torch_dtype(dtype),
+                                                                   use_safetensors=True, trust_remote_code=False)
+    except OSError as e:
+        raise UserError(f"could not load a reward model from '{path}': {e}") from None
+    if model.config.num_labels != 1:
+        raise UserError(f"{path}: not a scalar reward model (num_labels={model.config.num_labels})")
+    if model.config.pad_token_id is None or model.config.pad_token_id != tok.pad_token_id:
+        raise UserError(f"{path}: config pad_token_id {model.config.pad_token_id} != tokenizer's {tok.pad_token_id}")
+    return model.to(device).eval(), tok

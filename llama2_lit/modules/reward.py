@@ -1,0 +1,137 @@
+"""RewardModule: a scalar-head Llama trained on preference pairs with the Llama 2 ranking loss."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from callbacks.rating_buckets import RatingBucketAccuracy, RatingBucketCallback
+from data_modules.pairwise import concat_pairs
+from llama2_lit.errors import UserError
+from llama2_lit.losses import ranking_loss
+from llama2_lit.models.reward import export_reward_model, load_reward_model, rewards, score
+
+log = logging.getLogger(__name__)
+
+
+class RewardModule(L.LightningModule):
+    """Llama 2 section 3.2.2 reward model: ``-log σ(r(x, y_c) - r(x, y_r) - m(rating))``.
+
+    Chosen and rejected answers are scored in one forward pass over ``cat([chosen, rejected])``
+    (2B rows, right-padded to one length). Logs ``train/loss``, ``train/accuracy``, ``val/loss``,
+    ``val/accuracy``, and feeds ``self.bucket_metric`` (a :class:`RatingBucketAccuracy`) in validation;
+    a :class:`RatingBucketCallback` is added unless the trainer already has one, so ``val/accuracy/<bucket>``,
+    ``val/reward_gap/<bucket>`` and ``val/count/<bucket>`` are logged and Table 8 is printed at the end.
+
+    Args:
+        model_cfg: the ``model`` config node: a causal LM checkpoint (``path``; its LM head becomes a scalar
+            head) or random-init dimensions.
+        tokenizer: the tokenizer the pairs were built with (pad distinct from EOS; saved in ``hf/``).
+        lr, weight_decay, betas, eps: AdamW (paper: 1e-5 (5e-6 for 70B), 0.1, (0.9, 0.95), 1e-5).
+        warmup_ratio / warmup_steps: warm-up over ``max(warmup_steps, ceil(warmup_ratio * total))`` steps
+            (paper: 3%, at least 5); min_lr_ratio: the cosine floor (paper: 10% of peak).
+        pairs_per_step: pairs per optimizer step (paper: 512); the gradient accumulation is derived from
+            the DataModule's ``batch_size`` unless ``trainer.accumulate_grad_batches`` is set (!= 1).
+        freeze_layers: freeze embeddings and the lowest N decoder layers (negative: all but the top -N);
+            null = ``model_cfg.freeze_layers`` or 0.
+        reward_name, margin: recorded in the exported ``config.json`` (``llama2_lit``), nothing else.
+    """
+
+    def __init__(self, model_cfg: Mapping[str, Any], tokenizer=None, lr: float = 1e-5, weight_decay: float = 0.1,
+                 betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-5, warmup_steps: int = 5,
+                 warmup_ratio: float = 0.03, min_lr_ratio: float = 0.1, pairs_per_step: int = 512,
+                 freeze_layers: int | None = None, reward_name: str | None = None, margin: str | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.model = load_reward_model(dict(model_cfg), tokenizer, freeze_layers=freeze_layers)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
+        self.bucket_metric = RatingBucketAccuracy()
+
+    # -- scoring --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards (N,) float32 for (N, T) right-padded rows."""
+        return rewards(self.model, input_ids, attention_mask)
+
+    def pair_rewards(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen (B,), rejected (B,))`` rewards from one forward over the 2B concatenated rows."""
+        ids, mask = concat_pairs(batch, self.model.config.pad_token_id)  # (2B, T)
+        r = self(ids, mask)  # (2B,)
+        b = batch["chosen_input_ids"].shape[0]
+        return r[:b], r[b:]
+
+    def score(self, prompts: Sequence[str | list[dict]], responses: Sequence[str], batch_size: int = 16,
+              max_length: int | None = None) -> torch.Tensor:
+        """Rewards (N,) for prompt/response pairs, rendered with the chat template (see ``models.reward.score``)."""
+        return score(self.model, self.tokenizer, prompts, responses, batch_size=batch_size, max_length=max_length)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        chosen, rejected = self.pair_rewards(batch)
+        margin = batch.get("margin")
+        loss = ranking_loss(chosen, rejected, None if margin is None else margin.to(chosen.device))
+        b = chosen.shape[0]
+        acc = (chosen > rejected).float().mean()
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=train, on_epoch=True, batch_size=b, sync_dist=not train)
+        self.log(f"{stage}/accuracy", acc, prog_bar=not train, on_step=train, on_epoch=True, batch_size=b,
+                 sync_dist=not train)
+        return loss, chosen, rejected
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")[0]
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        _, chosen, rejected = self._step(batch, "val")
+        self.bucket_metric.update(chosen, rejected, batch["rating"])
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def configure_callbacks(self):
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and any(isinstance(c, RatingBucketCallback) for c in trainer.callbacks):
+            return []
+        return [RatingBucketCallback(printer=_print_table)]
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and not getattr(dm, "pairwise", False):
+            raise UserError(f"stage=rm needs preference pairs, but data is a {type(dm).__name__}: add "
+                            "data=synthetic_pairs (or data=pairs data.path=..., data=hh_harmless)")
+        if stage != "fit" or dm is None:
+            return
+        per_batch = int(getattr(dm, "batch_size", 0) or 0)
+        if self.trainer.accumulate_grad_batches == 1 and per_batch:
+            k = max(1, round(self.hparams.pairs_per_step / per_batch))
+            self.trainer.accumulate_grad_batches = k
+            log.info("%d pairs per optimizer step: %d micro-batches of %d pairs (stage.pairs_per_step=%d)",
+                     k * per_batch, k, per_batch, self.hparams.pairs_per_step)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)  # no decay on norms and biases
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(total, max(int(hp.warmup_steps), math.ceil(hp.warmup_ratio * total)))
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total,
+                                                            min_lr_rate=hp.min_lr_ratio)
+        log.info("optimizer: %d steps, %d warm-up, lr %.3g -> %.3g", total, warmup, hp.lr, hp.lr * hp.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, path: str | Path) -> Path:
+        """Save ``hf/``: a ``LlamaForSequenceClassification`` (num_labels 1, pad token id set) + tokenizer."""
+        meta = {k: v for k, v in (("reward", self.hparams.reward_name), ("margin", self.hparams.margin)) if v}
+        return export_reward_model(self.model, self.tokenizer, path, metadata=meta)
+
+
+def _print_table(text: str) -> None:
+    log.info("reward model accuracy per rating (last validation):\n%s", text)
