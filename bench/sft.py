@@ -123,8 +123,11 @@ def main(argv=None):
     ap.add_argument("--only-framework", action="store_true",
                     help="skip the packing comparison: Lightning vs bare loop only (for large models)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/sft.json"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's; use 1 on a machine shared with other jobs)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
