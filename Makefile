@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# make install puts torch==2.13.0 (the CPU wheel) in first; the project install then keeps it
 TORCH_VERSION ?= 2.13.0
 # CPU wheels for torch (a plain `pip install torch` pulls a multi-GB CUDA build)
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
