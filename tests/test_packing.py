@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from data_modules.packing import pack
+from data_modules.packing import _best_fit_decreasing, _closest_subset, _fill_and_close, pack
 from data_modules.records import tokenize_chat, tokenize_text
 from data_modules.sft import collate_rows
 from llama2_lit.losses import IGNORE_INDEX
@@ -14,15 +14,66 @@ def ex(n_prompt, n_answer, start=10):
     return ids, [M] * n_prompt + ids[n_prompt:]
 
 
-def test_isolated_best_fit_rows_positions_and_labels_by_hand():
+def test_isolated_rows_positions_and_labels_by_hand():
     a, b, c = ex(2, 2, 10), ex(1, 2, 20), ex(3, 3, 30)  # lengths 4, 3, 6
     rows, stats = pack([a, b, c], seq_len=8, pad_id=0, packing="isolated")
-    # best-fit decreasing: c (6) opens row 0; a (4) does not fit there, opens row 1; b (3) fits row 1 best
-    assert [r.input_ids for r in rows] == [[30, 31, 32, 33, 34, 35, 0, 0], [10, 11, 12, 13, 20, 21, 22, 0]]
-    assert [r.position_ids for r in rows] == [[0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 3, 0, 1, 2, 0]]
-    assert [r.labels for r in rows] == [[M, M, M, 33, 34, 35, M, M], [M, M, 12, 13, M, 21, 22, M]]
+    # fill-and-close: a (4) would leave less than the longest example (6), so the row is closed by the subset
+    # of {4, 3, 6} summing closest to 8: a + b = 7; c opens the next row. (Best-fit decreasing also needs 2.)
+    assert [r.input_ids for r in rows] == [[10, 11, 12, 13, 20, 21, 22, 0], [30, 31, 32, 33, 34, 35, 0, 0]]
+    assert [r.position_ids for r in rows] == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5, 0, 1]]
+    assert [r.labels for r in rows] == [[M, M, 12, 13, M, 21, 22, M], [M, M, M, 33, 34, 35, M, M]]
     assert (stats.rows, stats.tokens, stats.capacity) == (2, 13, 16)
     assert stats.efficiency == 13 / 16
+
+
+def test_fill_and_close_fills_rows_that_best_fit_decreasing_leaves_short():
+    lengths = [3, 3, 3, 3, 4, 4]  # 20 tokens: 2 rows of 10 at best
+    # BFD: 4+4 (2 left, no example fits), 3+3+3, 3 -> 3 rows
+    assert _best_fit_decreasing(lengths, 10) == [[4, 5], [0, 1, 2], [3]]
+    # fill-and-close: 3+3 in order, then the 4 left closes exactly; twice -> 2 full rows, lengths mixed
+    assert _fill_and_close(lengths, 10) == [[0, 1, 4], [2, 3, 5]]
+    rows, stats = pack([ex(1, n - 1, 10 * k) for k, n in enumerate(lengths)], seq_len=10, pad_id=0)
+    assert stats.rows == 2 and stats.efficiency == 1.0
+    assert [r.position_ids for r in rows] == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3]] * 2
+
+
+def test_closest_subset_is_exact_when_possible_and_prefers_long():
+    assert _closest_subset({31: 5, 17: 3, 11: 2}, 45) == [(17, 2), (11, 1)]  # 17+17+11 = 45 exactly
+    assert _closest_subset({31: 5, 17: 3}, 62) == [(31, 2)]          # 31+31 exact; 17s alone reach only 51
+    assert _closest_subset({20: 2}, 30) == [(20, 1)]                 # nothing exact: the largest total below
+    assert _closest_subset({40: 1}, 30) == []
+
+
+# Length histogram of the default run's 20,000 training examples (stage=sft, model=tiny, synthetic world).
+DEFAULT_LENGTHS = {11: 190, 12: 993, 13: 1517, 14: 1512, 15: 1603, 16: 1844, 17: 1759, 18: 102, 19: 1188, 20: 302,
+                   21: 84, 22: 2756, 23: 1067, 24: 88, 26: 71, 27: 902, 28: 22, 30: 2662, 31: 1338}
+
+
+def test_default_data_packs_into_the_fewest_possible_rows():
+    import math
+    import random
+
+    lengths = [n for n, c in DEFAULT_LENGTHS.items() for _ in range(c)]
+    random.Random(0).shuffle(lengths)
+    assert sum(lengths) == 405998 and math.ceil(405998 / 256) == 1586
+    assert len(_best_fit_decreasing(lengths, 256)) == 1602  # efficiency 0.98997: one example length per row
+    bins = _fill_and_close(lengths, 256)
+    assert len(bins) == 1586  # the lower bound: efficiency 405998 / (1586 * 256) = 0.99996
+    assert sorted(k for b in bins for k in b) == list(range(len(lengths)))
+    assert all(sum(lengths[k] for k in b) <= 256 for b in bins)
+    assert sum(len({lengths[k] for k in b}) > 2 for b in bins) > 0.9 * len(bins)  # rows mix lengths
+    assert _fill_and_close(lengths, 256) == bins  # deterministic
+
+
+def test_isolated_keeps_best_fit_decreasing_where_it_packs_tighter():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 250) for _ in range(400)]  # long examples: BFD wins here
+    bfd, fc = len(_best_fit_decreasing(lengths, 256)), len(_fill_and_close(lengths, 256))
+    assert bfd < fc
+    _, stats = pack([ex(1, n - 1) for n in lengths], seq_len=256, pad_id=0)
+    assert stats.rows == bfd
 
 
 def test_isolated_masks_the_first_label_of_every_example_for_pretraining():
