@@ -136,17 +136,21 @@ def test_text_has_bos_eos_and_every_label(tok):
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and labels == ids
 
 
-def test_packed_isolated_logits_equal_separate_logits(tok):
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed"])
+def test_packed_isolated_logits_equal_separate_logits(tok, attn):
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import llama2_lit.models.packed_attention  # noqa: F401  (registers sdpa_packed)
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=tok.pad_token_id)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attn
     model = LlamaForCausalLM(cfg).eval()
     examples = [tokenize_chat([{"role": "user", "content": p}, {"role": "assistant", "content": a}], tok)
-                for p, a in [("Reverse the word: lemon", "nomel"), ("What is 12 + 30?", "42"), ("Repeat the word dog 2 times.", "dog dog")]]
+                for p, a in [("Reverse the word: lemon", "nomel"), ("What is 12 + 30?", "42"),
+                             ("Repeat the word dog 2 times.", "dog dog")]]
     rows, _ = pack(examples, seq_len=64, pad_id=tok.pad_token_id, packing="isolated")
     assert len(rows) == 1
     batch = collate_rows(rows, tok.pad_token_id)

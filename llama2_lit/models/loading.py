@@ -94,9 +94,13 @@ def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerB
 
     ``model_cfg.path`` set: load that folder / hub id (safetensors only, no remote code).
     ``model_cfg.path`` null: random init from ``model_cfg.config`` (dimensions) sized to the tokenizer.
+    ``attn_implementation: sdpa`` runs as ``sdpa_packed`` (``llama2_lit.models.packed_attention``): identical
+    outputs, and packed rows cost the attention of their documents, not of whole rows.
     """
     dtype = torch_dtype(model_cfg.get("dtype", "float32"))
     attn = model_cfg.get("attn_implementation", "sdpa")
+    if attn == "sdpa":  # the same sdpa, but packed rows attend one document at a time (no dense block mask)
+        from llama2_lit.models.packed_attention import NAME as attn
     path = model_cfg.get("path")
     if path:
         src = resolve_path(path)
