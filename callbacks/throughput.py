@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import lightning as L
 
@@ -34,6 +35,8 @@ class TokensPerSecond(L.Callback):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not isinstance(batch, Mapping):  # not a token batch (PPO's prompt lists): that stage times itself
+            return
         dt = time.perf_counter() - self._t0
         self._n += 1
         if self._n <= self.skip_first:

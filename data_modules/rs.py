@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from data_modules.sft import PackedSFTDataModule
 from data_modules.sources import iter_records
@@ -50,12 +50,21 @@ class PromptDataModule(L.LightningDataModule):
             ``safety_field`` bool (default false).
         limit: keep the first N prompts. Identical prompts are kept once.
         batch_size: prompts per batch of ``train_dataloader`` (lists of :class:`Prompt`).
+        num_batches: batches per epoch of ``train_dataloader`` (PPO: one per iteration), drawn from successive
+            seeded shuffles of the prompts; null: one pass over the prompts.
+        val_path: held-out prompts for ``val_dataloader`` (same format); with ``path=synthetic`` the world's
+            held-out prompts (``synthetic.num_eval``) are used when it is null.
+        val_batch_size: prompts per validation batch (default ``batch_size``).
     """
 
     def __init__(self, tokenizer=None, path: str = "synthetic", split: str = "train", prompt_field: str = "prompt",
                  safety_field: str = "is_safety", batch_size: int = 8, seed: int = 0, limit: int | None = None,
-                 synthetic: dict[str, Any] | None = None, num_workers: int = 0):
+                 synthetic: dict[str, Any] | None = None, num_workers: int = 0, num_batches: int | None = None,
+                 val_path: str | None = None, val_batch_size: int | None = None):
         super().__init__()
+        self.num_batches = int(num_batches) if num_batches else None
+        self.val_path = str(val_path) if val_path else None
+        self.val_batch_size = int(val_batch_size or batch_size)
         self.tokenizer = tokenizer
         self.path, self.split, self.seed, self.limit = str(path), split, seed, limit
         self.prompt_field, self.safety_field = prompt_field, safety_field
@@ -71,17 +80,9 @@ class PromptDataModule(L.LightningDataModule):
         if self.oracle:
             tasks = world.generate_tasks(int(self.synthetic["num_train"]), seed=self.seed, split=self.split,
                                          safety_fraction=self.synthetic["safety_fraction"])
-            raw = [(t.prompt, t.is_safety) for t in tasks]
+            raw, untagged = [(t.prompt, t.is_safety) for t in tasks], 0
         else:
-            raw = []
-            for line, rec in iter_records(self.path):
-                text = rec.get(self.prompt_field)
-                if not isinstance(text, str) or not text.strip():
-                    raise DataError(self.path, line, self.prompt_field, "is missing or empty")
-                tag = rec.get(self.safety_field, False)
-                if not isinstance(tag, bool):
-                    raise DataError(self.path, line, self.safety_field, f"must be true or false, got {tag!r}")
-                raw.append((text, tag))
+            raw, untagged = self._read(self.path)
         seen: dict[str, Prompt] = {}
         for text, tag in raw:
             pid = prompt_id(text)
@@ -91,14 +92,43 @@ class PromptDataModule(L.LightningDataModule):
         if not out:
             raise UserError(f"{self.path}: no prompts (the prompt set is empty)")
         self.stats = {"data/prompts": float(len(out)), "data/safety_prompts": float(sum(p.is_safety for p in out)),
-                      "data/duplicate_prompts": float(len(raw) - len(seen))}
+                      "data/duplicate_prompts": float(len(raw) - len(seen)),
+                      "data/prompts_without_safety_tag": float(untagged)}
+        if untagged:
+            log.info("%s: %d prompts have no '%s' field: treated as not safety prompts", self.path, untagged,
+                     self.safety_field)
         self._prompts = out
         return out
+
+    def _read(self, path: str) -> tuple[list[tuple[str, bool]], int]:
+        """``([(text, is_safety)], number of records without the safety field)`` of a prompt file."""
+        raw, untagged = [], 0
+        for line, rec in iter_records(path):
+            text = rec.get(self.prompt_field)
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(path, line, self.prompt_field, "is missing or empty")
+            if self.safety_field not in rec:
+                untagged += 1
+            tag = rec.get(self.safety_field, False)
+            if not isinstance(tag, bool):
+                raise DataError(path, line, self.safety_field, f"must be true or false, got {tag!r}")
+            raw.append((text, tag))
+        return raw, untagged
 
     def eval_prompts(self) -> list[str]:
         if not self.oracle:
             return []
         return world_eval_prompts(int(self.synthetic["num_eval"]), self.seed, self.synthetic["safety_fraction"])
+
+    def val_prompts(self) -> list[Prompt]:
+        """Held-out prompts: ``val_path``, else (synthetic world) the gold evaluation's held-out prompts."""
+        if self.val_path:
+            raw, _ = self._read(self.val_path)
+        elif self.oracle:
+            raw = [(t, world.is_safety_prompt(t)) for t in self.eval_prompts()]
+        else:
+            return []
+        return [Prompt(prompt_id(t), t, bool(s)) for t, s in raw]  # as given (the gold evaluation's weighting)
 
     def setup(self, stage: str | None = None) -> None:
         self.prompts()
@@ -106,8 +136,40 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         import torch
 
+        if self.num_batches:
+            sampler = CyclingSampler(len(self.prompts()), self.num_batches * self.batch_size, self.seed)
+            return DataLoader(self.prompts(), batch_size=self.batch_size, sampler=sampler, collate_fn=list,
+                              num_workers=self.num_workers)
         return DataLoader(self.prompts(), batch_size=self.batch_size, shuffle=True, collate_fn=list,
                           num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self):
+        prompts = self.val_prompts()
+        if not prompts:
+            return []
+        return DataLoader(prompts, batch_size=self.val_batch_size, shuffle=False, collate_fn=list,
+                          num_workers=self.num_workers)
+
+
+class CyclingSampler(Sampler):
+    """``num_samples`` indices into ``n`` items: successive seeded permutations, concatenated (so a PPO run of
+    any length sees every prompt once per pass, in a fresh order each pass)."""
+
+    def __init__(self, n: int, num_samples: int, seed: int = 0):
+        self.n, self.num_samples, self.seed = n, num_samples, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        import torch
+
+        gen = torch.Generator().manual_seed(self.seed)
+        left = self.num_samples
+        while left > 0:
+            perm = torch.randperm(self.n, generator=gen)[:left].tolist()
+            left -= len(perm)
+            yield from perm
 
 
 def selection_file(path: str | Path) -> Path:
@@ -135,8 +197,12 @@ class RSSelectionDataModule(L.LightningDataModule):
 
     def __init__(self, tokenizer, path: str, seq_len: int = 512, batch_size: int = 8, packing: str = "isolated",
                  overlong: str = "truncate", val_fraction: float = 0.05, seed: int = 0,
-                 synthetic: dict[str, Any] | None = None, num_workers: int = 0):
+                 synthetic: dict[str, Any] | None = None, num_workers: int = 0, num_batches: int | None = None,
+                 val_path: str | None = None, val_batch_size: int | None = None):
         super().__init__()
+        self.num_batches = int(num_batches) if num_batches else None
+        self.val_path = str(val_path) if val_path else None
+        self.val_batch_size = int(val_batch_size or batch_size)
         self.file = selection_file(path)
         self.tokenizer = tokenizer
         self.seed = seed

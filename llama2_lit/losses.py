@@ -95,3 +95,30 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         raise ValueError("value_loss: values, old_values, returns and mask must share a (B, T) shape")
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits / T)[token]`` per position: logits (B, T, V), tokens (B, T) → (B, T) float32.
+
+    The log-prob the generation engine records for a sampled token at temperature T (T = 0, greedy, reads as 1).
+    """
+    if logits.shape[:2] != tokens.shape:
+        raise ValueError(f"token_logprobs: logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} differ")
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    return torch.log_softmax(scaled, -1).gather(-1, tokens[..., None])[..., 0]
+
+
+def masked_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean entropy (nats) of ``softmax(logits / T)`` over masked positions; logits (B, T, V), mask (B, T)."""
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    logp = torch.log_softmax(scaled, -1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 − Var(returns − values) / Var(returns)`` over masked positions (B, T): 1 is a perfect critic, 0 one
+    that predicts the mean, negative worse. NaN when the returns do not vary."""
+    m = mask.bool()
+    r, v = returns[m].double(), values[m].double()
+    var = r.var(unbiased=False)
+    return (1.0 - (r - v).var(unbiased=False) / var).float() if var > 0 else torch.tensor(float("nan"))

@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -34,103 +34,13 @@ from omegaconf import DictConfig, OmegaConf
 from llama2_lit import world
 from llama2_lit.engine import Engine, Sampling
 from llama2_lit.errors import UserError
-from llama2_lit.rewards import safety_gated_reward
+from llama2_lit.scoring import GoldScorer, RMScorer, build_scorer, gated  # noqa: F401 (RMScorer: re-exported)
+from llama2_lit.scoring import folder_fingerprint as _folder_fingerprint
 from llama2_lit.rs import (Bag, best_of_n_curves, max_median_figure, reward_table, select_best, selection_iterations,
                            tokenizer_fingerprint)
 
 log = logging.getLogger(__name__)
-SCORERS = ("rm", "gold")
 RESCORE = ("auto", "always", "never")
-
-
-# ---------------------------------------------------------------------------------------------- scorers
-
-
-class GoldScorer:
-    """The world's gold functions as sigmoid-scale scores (helpfulness, safety): a stand-in for trained RMs."""
-
-    fingerprint = "gold"
-    description = "gold oracle (llama2_lit.world), a stand-in for reward models"
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            h = [world.gold_helpfulness(p, r) for p, r in zip(prompts, responses)]
-            s = [world.gold_safety(p, r) for p, r in zip(prompts, responses)]
-        except ValueError as e:
-            raise UserError(f"rs.scorer=gold scores synthetic-world prompts only: {e}") from None
-        return torch.tensor(h, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
-
-
-class RMScorer:
-    """Helpfulness and (optional) safety reward models exported by ``stage=rm``, read on the sigmoid scale.
-
-    Each RM renders prompt and response with its own tokenizer's chat template from text, so a reward model
-    whose tokenizer differs from the policy's scores correctly: responses are re-tokenised through text.
-    Without a safety RM, the reward is the helpfulness score (no gating).
-    """
-
-    def __init__(self, helpfulness: str, safety: str | None, policy_tokenizer, batch_size: int = 32,
-                 max_length: int | None = None, device: str | torch.device = "cpu"):
-        from llama2_lit.models.reward import load_exported
-
-        self.paths = {"helpfulness": str(helpfulness), "safety": str(safety) if safety else None}
-        self.batch_size, self.max_length = batch_size, max_length
-        self.models = {"helpfulness": load_exported(helpfulness, device=device)}
-        if safety:
-            self.models["safety"] = load_exported(safety, device=device)
-        mine = tokenizer_fingerprint(policy_tokenizer)
-        for name, (_, tok) in self.models.items():
-            if getattr(tok, "chat_template", None) is None:
-                raise UserError(f"rs.reward_models.{name}: the reward model's tokenizer has no chat template")
-            if tokenizer_fingerprint(tok) != mine:
-                log.info("the %s reward model's tokenizer differs from the policy's: responses are re-tokenised "
-                         "through text", name)
-        blob = json.dumps([[n, _folder_fingerprint(p)] for n, p in self.paths.items() if p])
-        self.fingerprint = "rm:" + hashlib.sha1(blob.encode()).hexdigest()[:12]
-        self.description = f"reward models {self.paths}"
-
-    def _score(self, name: str, prompts, responses) -> torch.Tensor:
-        from llama2_lit.models.reward import score
-
-        model, tok = self.models[name]
-        return torch.sigmoid(score(model, tok, list(prompts), list(responses), batch_size=self.batch_size,
-                                   max_length=self.max_length).double())
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self._score("helpfulness", prompts, responses)
-        s = self._score("safety", prompts, responses) if "safety" in self.models else torch.full_like(h, math.nan)
-        return h, s
-
-
-def gated(helpful: torch.Tensor, safety: torch.Tensor, is_safety: torch.Tensor, threshold: float) -> torch.Tensor:
-    """R_c (B,); with no safety score (NaN), the helpfulness score."""
-    if torch.isnan(safety).all():
-        return helpful.clone()
-    return safety_gated_reward(safety, helpful, is_safety.bool(), threshold)
-
-
-def build_scorer(rs: DictConfig, policy_tokenizer, device) -> GoldScorer | RMScorer:
-    kind = rs.scorer
-    if kind not in SCORERS:
-        raise UserError(f"rs.scorer: unknown '{kind}' (choose {list(SCORERS)})")
-    if kind == "gold":
-        return GoldScorer()
-    rms = rs.get("reward_models") or {}
-    if not rms.get("helpfulness"):
-        raise UserError("rs.scorer=rm needs rs.reward_models.helpfulness=<a stage=rm run>/hf (and "
-                        "rs.reward_models.safety=...), or rs.scorer=gold on the synthetic world")
-    return RMScorer(rms["helpfulness"], rms.get("safety"), policy_tokenizer, batch_size=int(rs.rm_batch_size),
-                    max_length=rs.get("rm_max_length"), device=device)
-
-
-def _folder_fingerprint(path: str | None) -> list:
-    if not path:
-        return ["random-init"]
-    p = Path(path)
-    if not p.exists():
-        return [str(path)]
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-    return [str(p.resolve())] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
 def _chunk_seed(seed: int, iteration: int, chunk: int) -> int:

@@ -33,6 +33,15 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _validate(trainer, module, datamodule) -> dict[str, float]:
+    """Validate; the ``val/*`` scalars (returned results, plus what a module logged outside the loggers)."""
+    out = {}
+    for result in trainer.validate(module, datamodule=datamodule, verbose=False):
+        out.update(_scalars(result))
+    out.update({k: v for k, v in _scalars(dict(trainer.callback_metrics)).items() if k.startswith("val/")})
+    return out
+
+
 def build(cfg: DictConfig):
     """The (datamodule, module, trainer) triple a config describes; nothing is run."""
     datamodule = instantiate(cfg.data)
@@ -60,15 +69,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return get_method(cfg.stage.runner)(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.stage.get("prepare"):  # e.g. stage=ppo: train the SFT policy / reward models it needs when none is given
+        from hydra.utils import get_method
+
+        get_method(cfg.stage.prepare)(cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule, module, trainer = build(cfg)
+    initial: dict[str, float] = {}
+    if cfg.get("initial_validation") and not cfg.get("ckpt_path") and trainer.limit_val_batches:
+        initial = {f"{k}_init": v for k, v in _validate(trainer, module, datamodule).items()}
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = _scalars(dict(trainer.callback_metrics))
+    metrics.update(initial)
     if cfg.get("final_validation", True) and trainer.limit_val_batches:
         # the trained model's validation metrics (fit validates per epoch, not after a max_steps stop)
-        for result in trainer.validate(module, datamodule=datamodule, verbose=False):
-            metrics.update(_scalars(result))
+        metrics.update(_validate(trainer, module, datamodule))
     metrics.update(_scalars(getattr(datamodule, "stats", {}) or {}))
     for cb in trainer.callbacks:
         metrics.update(_scalars(getattr(cb, "final_metrics", {}) or {}))

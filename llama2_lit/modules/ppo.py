@@ -1,0 +1,366 @@
+"""PPOModule: Llama 2 §3.2.3 PPO with the safety-gated, logit-whitened reward and a KL penalty to π₀.
+
+One ``training_step`` is one PPO iteration over a batch of prompts (Lightning manual optimization):
+
+1. sample one response per prompt from the policy with the generation engine (its log-probs are π_old's);
+2. score with both reward models (sigmoid scale): ``R_c = R_s if is_safety(p) or R_s < 0.15 else R_h``,
+   then ``R̃_c = whiten(logit(R_c))``;
+3. log-probs of the frozen reference π₀ and values of the critic, one no-grad forward each;
+4. per-token reward ``−β·KL_t`` plus ``R̃_c`` on the last response token (``kl_level=sequence``: the summed KL on
+   the last token), GAE advantages and returns;
+5. ``ppo_epochs`` passes over shuffled mini-batches, one AdamW step per mini-batch (policy clipped surrogate +
+   clipped value loss; gradients clipped per model).
+
+All the math is in ``llama2_lit/rewards.py`` and ``llama2_lit/losses.py``; this file wires it. The reference
+model and the reward models are frozen, in eval mode, under ``no_grad`` (bf16 on GPU by default) and are not
+part of the module's state dict, so checkpoints hold the policy, the critic and the optimizer only.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llama2_lit import world
+from llama2_lit.engine import Engine, Sampling
+from llama2_lit.errors import UserError
+from llama2_lit.losses import explained_variance, masked_entropy, ppo_policy_loss, token_logprobs, value_loss
+from llama2_lit.models.loading import load_causal_lm
+from llama2_lit.models.value import load_value_model, token_values
+from llama2_lit.rewards import RunningMoments, gae, kl_penalty, logit, token_rewards, whiten
+
+log = logging.getLogger(__name__)
+WHITEN = ("batch", "running", "none")
+
+
+def _decay_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+
+
+class PPOModule(L.LightningModule):
+    """PPO on the Llama 2 reward (see the module docstring).
+
+    Args:
+        model_cfg: the ``model`` node: the policy (``path``: an SFT or RS run's ``hf/``), also π₀ at the start.
+        tokenizer: the policy's tokenizer.
+        options: the ``ppo`` config node (conf/stage/ppo.yaml documents every key).
+    """
+
+    def __init__(self, model_cfg: Mapping[str, Any], tokenizer=None, options: Mapping[str, Any] | None = None):
+        super().__init__()
+        if isinstance(options, DictConfig):
+            options = OmegaConf.to_container(options, resolve=True)
+        o = dict(options or {})
+        if o.get("whiten_rewards", "batch") not in WHITEN:
+            raise UserError(f"ppo.whiten_rewards: unknown '{o['whiten_rewards']}' (choose {list(WHITEN)})")
+        if int(o["mini_batch_size"]) < 1:
+            raise UserError(f"ppo.mini_batch_size must be >= 1, got {o['mini_batch_size']}")
+        self.save_hyperparameters({"model_cfg": dict(model_cfg), "options": o})
+        self.automatic_optimization = False
+        self.opts, self.tokenizer = o, tokenizer
+        self.model = load_causal_lm(dict(model_cfg), tokenizer)  # the policy
+        self.value_model = load_value_model(o["value_init"], model_cfg, tokenizer,
+                                            (o.get("reward_models") or {}).get("helpfulness"))
+        ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self._frozen: dict[str, Any] = {"ref": ref}  # a plain dict: not a submodule, not checkpointed
+        self.scorer = None
+        self.engine: Engine | None = None
+        self.reward_moments = RunningMoments()
+        self.iteration = 0
+        self.bad_in_row = 0
+        self.skipped = 0
+        self.best_val_reward = -math.inf
+        self.best_iteration = 0
+        self._val: dict[str, list] = {}
+
+    @property
+    def ref_model(self) -> torch.nn.Module:
+        return self._frozen["ref"]
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def _frozen_dtype(self) -> torch.dtype:
+        name = self.opts.get("frozen_dtype", "auto")
+        if name == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else next(self.model.parameters()).dtype
+        from llama2_lit.models.loading import torch_dtype
+
+        return torch_dtype(name)
+
+    def on_fit_start(self) -> None:
+        self._prepare_frozen()
+
+    def on_validation_start(self) -> None:
+        self._prepare_frozen()
+
+    def _prepare_frozen(self) -> None:
+        if self.scorer is not None:
+            return
+        from llama2_lit.scoring import GoldScorer, build_scorer
+
+        dtype = self._frozen_dtype()
+        self._frozen["ref"] = self.ref_model.to(self.device, dtype).eval()
+        self.scorer = build_scorer(self.opts, self.tokenizer, self.device,
+                                   dtype=str(dtype).replace("torch.", ""), stage="ppo")
+        if isinstance(self.scorer, GoldScorer):
+            log.warning("ppo.scorer=gold: rewards come from the world's gold functions, a stand-in for reward models")
+        else:
+            for m, _ in self.scorer.models.values():
+                m.requires_grad_(False)
+        eng = self.opts.get("engine") or {}
+        self.engine = Engine(self.model, self.tokenizer, backend=eng.get("backend", "auto"),
+                             compile=bool(eng.get("compile", False)))
+
+    def configure_optimizers(self):
+        o = self.opts
+        groups = _decay_groups(self.model, float(o["lr"]), float(o["weight_decay"]))
+        groups += _decay_groups(self.value_model, float(o.get("value_lr") or o["lr"]), float(o["weight_decay"]))
+        return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(o["betas"]), eps=float(o["eps"]))
+
+    def configure_callbacks(self):
+        es = self.opts.get("early_stopping") or {}
+        if not es.get("enabled", False):
+            return []
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        return [EarlyStopping(monitor="val/reward", mode="max", patience=int(es.get("patience", 3)),
+                              min_delta=float(es.get("min_delta", 0.0)), check_on_train_epoch_end=False)]
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return batch  # prompt records (text and safety tag): nothing to move
+
+    # -- forward passes ---------------------------------------------------------------------------------
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+    def _response_logits(self, model, ids, mask, pos, t: int) -> torch.Tensor:
+        """Logits predicting the ``t`` response tokens (B, t, V): positions P-1 .. P+t-2."""
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=t + 1)
+        return out.logits[:, :-1]
+
+    def _chunks(self, n: int, size: int | None) -> list[slice]:
+        size = int(size or n)
+        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+    # -- one PPO iteration ------------------------------------------------------------------------------
+    def training_step(self, batch: Sequence[Any], batch_idx: int) -> None:
+        o = self.opts
+        self.iteration += 1
+        prompts = [p.text for p in batch]
+        is_safety = torch.tensor([bool(p.is_safety) for p in batch])
+        temp = float(o["temperature"])
+        t0 = time.perf_counter()
+        roll = self.engine.generate(prompts, Sampling(max_new_tokens=int(o["max_new_tokens"]), temperature=temp,
+                                                      top_p=float(o["top_p"]), num_samples=1))
+        texts = self.engine.decode(roll)
+        t_gen = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        from llama2_lit.scoring import gated
+
+        helpful, safety = self.scorer(prompts, texts)
+        thr = float(o["safety_threshold"])
+        r_c = gated(helpful, safety, is_safety, thr)  # (B,) float64, sigmoid scale
+        by_safety = is_safety | (safety < thr) if not torch.isnan(safety).all() else torch.zeros_like(is_safety)
+        if not torch.isfinite(r_c).all():
+            return self._skip(f"{int((~torch.isfinite(r_c)).sum())} non-finite rewards")
+        score = logit(r_c, float(o["logit_eps"]))
+        mode = o.get("whiten_rewards", "batch")
+        if mode == "batch":
+            score_w = whiten(score)
+        elif mode == "running":
+            score_w = whiten(score, moments=self.reward_moments)
+        else:
+            score_w = score
+        t_score = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        dev = self.device
+        # the engine's tensors are inference tensors: clone them into ordinary ones for autograd
+        ids, mask = (x.clone().to(dev) for x in roll.sequences())
+        resp = roll.response_ids.clone().to(dev)
+        rmask = roll.response_mask.clone().to(dev).float()
+        old_lp = roll.logprobs.clone().to(dev).float()
+        pos = self._positions(mask)
+        n, t = resp.shape
+        micro = o.get("micro_batch_size") or o["mini_batch_size"]
+        with torch.no_grad():
+            ref_lp = torch.cat([token_logprobs(self._response_logits(self.ref_model, ids[s], mask[s], pos[s], t),
+                                               resp[s], temp) for s in self._chunks(n, micro)])
+            self.value_model.eval()
+            old_v = torch.cat([token_values(self.value_model, ids[s], mask[s], pos[s], last=t + 1)[:, :-1]
+                               for s in self._chunks(n, micro)]) * rmask
+            self.value_model.train()
+        kl = kl_penalty(old_lp, ref_lp, o["kl_estimator"]) * rmask  # (B, T)
+        rewards = token_rewards(score_w.to(dev).float(), kl, rmask, float(o["kl_coef"]), o["kl_level"])
+        adv, ret = gae(rewards, old_v, rmask, float(o["gamma"]), float(o["lam"]))
+        if o.get("whiten_advantages", True) and rmask.sum() > 1:
+            adv = whiten(adv, mask=rmask)
+
+        stats = self._ppo_epochs(ids, mask, pos, resp, rmask, old_lp, old_v, adv, ret, temp)
+        if stats is None:
+            return self._skip("non-finite loss")
+        t_train = time.perf_counter() - t0
+        self.bad_in_row = 0
+        seq_kl = (kl.sum(1)).mean()
+        m = {
+            "ppo/reward_raw": float(r_c.mean()), "ppo/score_logit": float(score.mean()),
+            "ppo/reward_whitened": float(score_w.mean()), "ppo/helpfulness_score": float(helpful.mean()),
+            "ppo/kl": float(seq_kl), "ppo/kl_per_token": float((kl.sum() / rmask.sum())),
+            "ppo/non_score_reward": float((rewards.sum() - score_w.sum()) / n),
+            "ppo/response_length": float(rmask.sum(1).mean()), "ppo/safety_scored_frac": float(by_safety.float().mean()),
+            "ppo/explained_variance": float(explained_variance(old_v, ret, rmask)),
+            "ppo/skipped_batches": float(self.skipped), "ppo/iteration": float(self.iteration),
+            "time/generation_s": t_gen, "time/scoring_s": t_score, "time/training_s": t_train,
+            "perf/samples_per_s": n / (t_gen + t_score + t_train),
+        }
+        if not torch.isnan(safety).all():
+            m["ppo/safety_score"] = float(safety.mean())
+        m.update(stats)
+        self._log_iteration(m, prog=("ppo/reward_raw", "ppo/kl", "ppo/clip_frac"))
+
+    def _ppo_epochs(self, ids, mask, pos, resp, rmask, old_lp, old_v, adv, ret, temp) -> dict[str, float] | None:
+        o = self.opts
+        opt = self.optimizers()
+        n, t = resp.shape
+        acc: dict[str, float] = {}
+        steps = 0
+        gen = torch.Generator().manual_seed(int(self.iteration) * 7919 + int(o.get("seed") or 0))
+        for _ in range(int(o["ppo_epochs"])):
+            order = torch.randperm(n, generator=gen).to(ids.device)
+            for mb in self._chunks(n, int(o["mini_batch_size"])):
+                rows = order[mb]
+                tokens = rmask[rows].sum().clamp_min(1.0)
+                opt.zero_grad()
+                parts = {"ppo/policy_loss": 0.0, "ppo/value_loss": 0.0, "ppo/clip_frac": 0.0, "ppo/approx_kl": 0.0,
+                         "ppo/entropy": 0.0}
+                for s in self._chunks(len(rows), o.get("micro_batch_size") or len(rows)):
+                    r = rows[s]
+                    w = rmask[r].sum() / tokens  # token share: micro-batches add up to the mini-batch's mean
+                    logits = self._response_logits(self.model, ids[r], mask[r], pos[r], t)
+                    lp = token_logprobs(logits, resp[r], temp)
+                    pg, cf, akl = ppo_policy_loss(lp, old_lp[r], adv[r], rmask[r], float(o["clip"]))
+                    ent = masked_entropy(logits.detach(), rmask[r], temp)
+                    v = token_values(self.value_model, ids[r], mask[r], pos[r], last=t + 1)[:, :-1]
+                    vl = value_loss(v, old_v[r], ret[r], rmask[r], float(o["value_clip"]))
+                    loss = (pg + float(o["vf_coef"]) * vl) * w
+                    if not torch.isfinite(loss):
+                        opt.zero_grad()
+                        return None
+                    self.manual_backward(loss)
+                    for k, x in (("ppo/policy_loss", pg), ("ppo/value_loss", vl), ("ppo/clip_frac", cf),
+                                 ("ppo/approx_kl", akl), ("ppo/entropy", ent)):
+                        parts[k] += float(x.detach()) * float(w)
+                clip = float(o["grad_clip"])
+                if clip > 0:
+                    parts["ppo/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+                    torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), clip)
+                opt.step()
+                steps += 1
+                for k, x in parts.items():
+                    acc[k] = acc.get(k, 0.0) + x
+        return {k: x / max(1, steps) for k, x in acc.items()}
+
+    def _skip(self, why: str) -> None:
+        self.skipped += 1
+        self.bad_in_row += 1
+        limit = int(self.opts.get("max_bad_batches", 3))
+        log.warning("ppo iteration %d skipped: %s (%d skipped in all, %d in a row)", self.iteration, why,
+                    self.skipped, self.bad_in_row)
+        self._log_iteration({"ppo/skipped_batches": float(self.skipped)}, prog=())
+        if self.bad_in_row >= limit:
+            raise UserError(f"ppo: {self.bad_in_row} iterations in a row were skipped ({why}); stopping "
+                            f"(ppo.max_bad_batches={limit}). Check the reward models and the learning rate.")
+
+    def _log_iteration(self, m: Mapping[str, float], prog: Sequence[str]) -> None:
+        """Every iteration reaches the loggers (x axis: iteration) and the callback metrics (-> metrics.json)."""
+        for k, v in m.items():
+            self.log(k, v, on_step=True, on_epoch=False, prog_bar=k in prog, logger=False, batch_size=1)
+        if self.trainer is not None and self.trainer.is_global_zero:
+            for lg in self.loggers:
+                lg.log_metrics(dict(m), step=self.iteration)
+
+    # -- held-out evaluation ----------------------------------------------------------------------------
+    def validation_step(self, batch: Sequence[Any], batch_idx: int) -> None:
+        from llama2_lit.scoring import gated
+
+        o = self.opts
+        ev = o.get("eval") or {}
+        prompts = [p.text for p in batch]
+        roll = self.engine.generate(prompts, Sampling(max_new_tokens=int(ev.get("max_new_tokens", o["max_new_tokens"])),
+                                                      temperature=float(ev.get("temperature", 0.0)), seed=0))
+        texts = self.engine.decode(roll)
+        is_safety = torch.tensor([bool(p.is_safety) for p in batch])
+        helpful, safety = self.scorer(prompts, texts)
+        r_c = gated(helpful, safety, is_safety, float(o["safety_threshold"]))
+        v = self._val
+        v.setdefault("reward", []).extend(r_c.tolist())
+        v.setdefault("helpful", []).extend(helpful.tolist())
+        v.setdefault("length", []).extend(roll.response_mask.sum(1).tolist())
+        if not torch.isnan(safety).all():
+            v.setdefault("safety", []).extend(safety[is_safety].tolist())
+        try:
+            gh = [world.gold_helpfulness(p, r) for p, r in zip(prompts, texts)]
+            gs = [world.gold_safety(p, r) for p, r, s in zip(prompts, texts, is_safety.tolist()) if s]
+        except ValueError:  # not world prompts: no oracle
+            return
+        v.setdefault("gold_helpfulness", []).extend(gh)
+        v.setdefault("gold_safety", []).extend(gs)
+
+    def on_validation_epoch_end(self) -> None:
+        v, self._val = self._val, {}
+        if not v:
+            return
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        m = {"val/reward": mean(v["reward"]), "val/helpfulness_score": mean(v["helpful"]),
+             "val/response_length": mean(v["length"])}
+        if v.get("safety"):
+            m["val/safety_score_on_safety_prompts"] = mean(v["safety"])
+        if v.get("gold_helpfulness"):
+            m["val/gold_helpfulness"] = mean(v["gold_helpfulness"])
+        if v.get("gold_safety"):
+            m["val/gold_safety"] = mean(v["gold_safety"])
+        if m["val/reward"] > self.best_val_reward and not self.trainer.sanity_checking:
+            self.best_val_reward, self.best_iteration = m["val/reward"], self.iteration
+        m["val/reward_best"] = max(self.best_val_reward, m["val/reward"])
+        m["val/best_iteration"] = float(self.best_iteration)
+        for k, x in m.items():
+            self.log(k, x, on_step=False, on_epoch=True, logger=False, prog_bar=k == "val/reward")
+        if self.trainer.is_global_zero:
+            for lg in self.loggers:
+                lg.log_metrics(m, step=self.iteration)
+        log.info("held-out evaluation after %d iterations: %s", self.iteration,
+                 ", ".join(f"{k}={x:.4f}" for k, x in m.items()))
+
+    # -- state ------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ppo_state"] = {"iteration": self.iteration, "skipped": self.skipped,
+                                   "reward_moments": self.reward_moments.state_dict(),
+                                   "best_val_reward": self.best_val_reward, "best_iteration": self.best_iteration}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        s = checkpoint.get("ppo_state") or {}
+        self.iteration, self.skipped = int(s.get("iteration", 0)), int(s.get("skipped", 0))
+        self.reward_moments.load_state_dict(s.get("reward_moments", RunningMoments().state_dict()))
+        self.best_val_reward = float(s.get("best_val_reward", -math.inf))
+        self.best_iteration = int(s.get("best_iteration", 0))
+
+    def export(self, path: str | Path) -> Path:
+        """The policy and tokenizer to ``path`` (``from_pretrained``-ready, the next stage's ``model.path``); the
+        value model to ``<path>/../value``."""
+        path = Path(path)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        self.value_model.save_pretrained(path.parent / "value", safe_serialization=True)
+        self.tokenizer.save_pretrained(path.parent / "value")
+        return path

@@ -1,0 +1,116 @@
+"""Scoring responses for RS and PPO: trained reward models (helpfulness, safety) read on the sigmoid scale, or the
+synthetic world's gold functions as a stand-in; and the safety-gated combination R_c of Llama 2 §3.2.3.
+
+    scorer = build_scorer(cfg.rs, tokenizer, device)      # rs.scorer=rm|gold, rs.reward_models.{helpfulness,safety}
+    helpful, safety = scorer(prompts, responses)          # (B,) float64 each, in [0, 1] (safety NaN without a safety RM)
+    r_c = gated(helpful, safety, is_safety, 0.15)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from llama2_lit import world
+from llama2_lit.errors import UserError
+from llama2_lit.rewards import safety_gated_reward
+from llama2_lit.rs import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+SCORERS = ("rm", "gold")
+
+
+
+
+class GoldScorer:
+    """The world's gold functions as sigmoid-scale scores (helpfulness, safety): a stand-in for trained RMs."""
+
+    fingerprint = "gold"
+    description = "gold oracle (llama2_lit.world), a stand-in for reward models"
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            h = [world.gold_helpfulness(p, r) for p, r in zip(prompts, responses)]
+            s = [world.gold_safety(p, r) for p, r in zip(prompts, responses)]
+        except ValueError as e:
+            raise UserError(f"rs.scorer=gold scores synthetic-world prompts only: {e}") from None
+        return torch.tensor(h, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
+
+
+class RMScorer:
+    """Helpfulness and (optional) safety reward models exported by ``stage=rm``, read on the sigmoid scale.
+
+    Each RM renders prompt and response with its own tokenizer's chat template from text, so a reward model
+    whose tokenizer differs from the policy's scores correctly: responses are re-tokenised through text.
+    Without a safety RM, the reward is the helpfulness score (no gating).
+    """
+
+    def __init__(self, helpfulness: str, safety: str | None, policy_tokenizer, batch_size: int = 32,
+                 max_length: int | None = None, device: str | torch.device = "cpu", dtype: str = "float32"):
+        from llama2_lit.models.reward import load_exported
+
+        self.paths = {"helpfulness": str(helpfulness), "safety": str(safety) if safety else None}
+        self.batch_size, self.max_length = batch_size, max_length
+        self.models = {"helpfulness": load_exported(helpfulness, dtype=dtype, device=device)}
+        if safety:
+            self.models["safety"] = load_exported(safety, dtype=dtype, device=device)
+        mine = tokenizer_fingerprint(policy_tokenizer)
+        for name, (_, tok) in self.models.items():
+            if getattr(tok, "chat_template", None) is None:
+                raise UserError(f"reward_models.{name}: the reward model's tokenizer has no chat template")
+            if tokenizer_fingerprint(tok) != mine:
+                log.info("the %s reward model's tokenizer differs from the policy's: responses are re-tokenised "
+                         "through text", name)
+        blob = json.dumps([[n, folder_fingerprint(p)] for n, p in self.paths.items() if p])
+        self.fingerprint = "rm:" + hashlib.sha1(blob.encode()).hexdigest()[:12]
+        self.description = f"reward models {self.paths}"
+
+    def _score(self, name: str, prompts, responses) -> torch.Tensor:
+        from llama2_lit.models.reward import score
+
+        model, tok = self.models[name]
+        return torch.sigmoid(score(model, tok, list(prompts), list(responses), batch_size=self.batch_size,
+                                   max_length=self.max_length).double())
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self._score("helpfulness", prompts, responses)
+        s = self._score("safety", prompts, responses) if "safety" in self.models else torch.full_like(h, math.nan)
+        return h, s
+
+
+def gated(helpful: torch.Tensor, safety: torch.Tensor, is_safety: torch.Tensor, threshold: float) -> torch.Tensor:
+    """R_c (B,); with no safety score (NaN), the helpfulness score."""
+    if torch.isnan(safety).all():
+        return helpful.clone()
+    return safety_gated_reward(safety, helpful, is_safety.bool(), threshold)
+
+
+def build_scorer(rs: Mapping[str, Any], policy_tokenizer, device, dtype: str = "float32", stage: str = "rs") -> GoldScorer | RMScorer:
+    """The scorer ``rs`` (a stage's options: ``scorer``, ``reward_models``, ``rm_batch_size``, ``rm_max_length``)
+    describes; ``stage`` names the option prefix in error messages."""
+    kind = rs["scorer"]
+    if kind not in SCORERS:
+        raise UserError(f"{stage}.scorer: unknown '{kind}' (choose {list(SCORERS)})")
+    if kind == "gold":
+        return GoldScorer()
+    rms = rs.get("reward_models") or {}
+    if not rms.get("helpfulness"):
+        raise UserError(f"{stage}.scorer=rm needs {stage}.reward_models.helpfulness=<a stage=rm run>/hf (and "
+                        f"{stage}.reward_models.safety=...), or {stage}.scorer=gold on the synthetic world")
+    return RMScorer(rms["helpfulness"], rms.get("safety"), policy_tokenizer, batch_size=int(rs["rm_batch_size"]),
+                    max_length=rs.get("rm_max_length"), device=device, dtype=dtype)
+
+
+def folder_fingerprint(path: str | None) -> list:
+    if not path:
+        return ["random-init"]
+    p = Path(path)
+    if not p.exists():
+        return [str(path)]
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    return [str(p.resolve())] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
