@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-slow test-all bench bench-sft bench-rm bench-gen bench-ppo fetch-smollm2 clean
+.PHONY: help install run demo test test-slow test-all bench bench-sft bench-rm bench-gen bench-ppo fetch-smollm2 clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ install: $(VENV)/.installed ## create .venv: pinned CPU torch first, then the pr
 
 run: install ## SFT on the tiny model and the synthetic world (the embedded default)
 	$(PY) -m llama2_lit stage=sft
+
+demo: install ## the whole recipe on model=tiny: SFT, then 3 RLHF iterations (collect, RMs, RS, distill; PPO in the last)
+	$(PY) -m llama2_lit stage=pipeline pipeline.name=demo
 
 test: install ## the test suite (fast; no network; real-data tests skip without ../shared)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,290 @@
+"""stage=pipeline: iterative RLHF V1..Vn as one resumable command (Llama 2 §3.2.3).
+
+    python -m llama2_lit stage=pipeline pipeline.name=demo pipeline.iterations=3       (make demo)
+
+SFT on the demonstrations (skipped when ``model.path`` is given), then per iteration k = 1..N:
+
+    collect      two answers per prompt from the latest policy, annotated          v<k>/collect/pairs.jsonl
+    rm_helpful   helpfulness RM on every preference collected so far                v<k>/rm_helpfulness/hf
+    rm_safety    safety RM on the same pairs (the paper's 90/10 mixture)            v<k>/rm_safety/hf
+    rs           K samples per prompt scored by the new RMs into the bag of all iterations   v<k>/rs
+    rs_distill   fine-tune the latest policy on the best sample per prompt          v<k>/rs_distill/hf
+    ppo          from iteration ``ppo_from`` on (paper: V4), PPO from the RS checkpoint       v<k>/ppo/hf
+
+Every step is its own ``python -m llama2_lit`` run in ``<root>/v<k>/<step>/`` (its log, config, metrics); later steps
+find earlier outputs by these names. A step whose ``metrics.json`` exists is finished and never rerun, so a killed
+pipeline continues at the step it was in (a Lightning step from its own ``checkpoints/last.ckpt``; rejection
+sampling from its bag). ``<root>/pipeline.json`` records the settings; a rerun with other settings is refused
+with the difference. At the end: ``report.md`` and ``report.png`` (per iteration: RM accuracy overall and by
+rating bucket, RS max/median reward, PPO KL, gold helpfulness and safety of the iteration's policy, time per step).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from llama2_lit.errors import UserError
+
+log = logging.getLogger(__name__)
+BUCKETS = ("negligibly_better", "slightly_better", "better", "significantly_better")
+
+
+@dataclass
+class Step:
+    """One stage run of the pipeline: ``python -m llama2_lit <overrides> hydra.run.dir=<dir>``."""
+
+    name: str                  # e.g. "v2/rm_safety"
+    iteration: int             # 0 for SFT
+    kind: str                  # sft | collect | rm_helpfulness | rm_safety | rs | rs_distill | ppo
+    dir: Path
+    overrides: list[str] = field(default_factory=list)
+    policy_out: str | None = None   # the policy this step produces (its hf/), if any
+
+    def finished(self) -> bool:
+        return (self.dir / "metrics.json").is_file()
+
+
+def _list(items: Sequence[str]) -> str:
+    return "[" + ",".join(f"'{x}'" for x in items) + "]"
+
+
+def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[Step]:
+    """The ordered steps of a pipeline (pure: paths and overrides only, nothing runs).
+
+    ``p``: the ``pipeline`` options (``root``, ``iterations``, ``ppo_from``, ``<kind>_overrides`` lists, ``seed``);
+    ``common``: overrides every step gets (model, seed, paths, ...); ``model_path``: the starting policy, or None to
+    run SFT first.
+    """
+    root = Path(p["root"])
+    extra = lambda kind: list(p.get(f"{kind}_overrides") or [])  # noqa: E731
+    steps: list[Step] = []
+    if model_path:
+        policy = str(model_path)
+    else:
+        d = root / "v0" / "sft"
+        policy = str(d / "hf")
+        steps.append(Step("v0/sft", 0, "sft", d, ["stage=sft", *common, *extra("sft")], policy))
+    pairs: list[str] = []
+    for k in range(1, int(p["iterations"]) + 1):
+        v = root / f"v{k}"
+        seed_k = int(p["seed"]) * 1000 + k
+        steps.append(Step(f"v{k}/collect", k, "collect", v / "collect",
+                          ["stage=collect", *common, f"model.path={policy}", f"data.seed={seed_k}",
+                           f"collect.seed={seed_k}", *extra("collect")]))
+        pairs.append(str(v / "collect" / "pairs.jsonl"))
+        rms = {}
+        for reward in ("helpfulness", "safety"):
+            d = v / f"rm_{reward}"
+            steps.append(Step(f"v{k}/rm_{reward}", k, f"rm_{reward}", d,
+                              ["stage=rm", "data=pairs", f"data.path={_list(pairs)}", f"reward={reward}", *common,
+                               f"model.path={policy}", *extra("rm"), *extra(f"rm_{reward}")]))
+            rms[reward] = str(d / "hf")
+        steps.append(Step(f"v{k}/rs", k, "rs", v / "rs",
+                          ["stage=rs", "data=rs_prompts", *common, f"model.path={policy}", f"rs.iteration={k}",
+                           f"rs.bag_dir={root / 'rs_bag'}", f"rs.reward_models.helpfulness={rms['helpfulness']}",
+                           f"rs.reward_models.safety={rms['safety']}", *extra("rs")]))
+        d = v / "rs_distill"
+        steps.append(Step(f"v{k}/rs_distill", k, "rs_distill", d,
+                          ["stage=rs_distill", "data=rs_bag", f"data.path={v / 'rs'}", *common, f"model.path={policy}",
+                           *extra("rs_distill")], str(d / "hf")))
+        policy = str(d / "hf")
+        if k >= int(p["ppo_from"]):
+            d = v / "ppo"
+            steps.append(Step(f"v{k}/ppo", k, "ppo", d,
+                              ["stage=ppo", *common, f"model.path={policy}",
+                               f"ppo.reward_models.helpfulness={rms['helpfulness']}",
+                               f"ppo.reward_models.safety={rms['safety']}", *extra("ppo")], str(d / "hf")))
+            policy = str(d / "hf")
+    return steps
+
+
+def _resume_overrides(step: Step) -> list[str]:
+    ckpt = step.dir / "checkpoints" / "last.ckpt"
+    if step.kind not in ("collect", "rs") and ckpt.is_file():
+        return [f"ckpt_path={ckpt}"]
+    return []
+
+
+def execute(steps: Sequence[Step], runner: Callable[[Step, list[str]], None], timings_file: Path | None = None
+            ) -> dict[str, float]:
+    """Run every unfinished step in order through ``runner(step, extra_overrides)``; returns seconds per step run
+    now (finished steps are logged and skipped)."""
+    timings = json.loads(timings_file.read_text()) if timings_file and timings_file.is_file() else {}
+    for step in steps:
+        if step.finished():
+            log.info("pipeline: %s finished earlier: skipped", step.name)
+            continue
+        resume = _resume_overrides(step)
+        log.info("pipeline: %s %s", "resuming" if resume or step.dir.exists() else "running", step.name)
+        t0 = time.perf_counter()
+        runner(step, resume)
+        if not step.finished():
+            raise UserError(f"pipeline: step {step.name} ended without {step.dir / 'metrics.json'}; see its "
+                            f"__main__.log")
+        timings[step.name] = time.perf_counter() - t0
+        if timings_file:
+            tmp = timings_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(timings, indent=2) + "\n")
+            tmp.replace(timings_file)
+        log.info("pipeline: %s done in %.0f s", step.name, timings[step.name])
+    return timings
+
+
+def subprocess_runner(step: Step, extra: list[str]) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "llama2_lit", *step.overrides, *extra, f"hydra.run.dir={step.dir}"]
+    log.info("pipeline: %s", " ".join(cmd[2:]))
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc != 0:
+        raise UserError(f"pipeline: step {step.name} failed (exit code {rc}); its log is {step.dir}/__main__.log. "
+                        "Rerun the same command to resume.")
+
+
+def _manifest(root: Path, settings: dict[str, Any]) -> None:
+    f = root / "pipeline.json"
+    if f.is_file():
+        old = json.loads(f.read_text())
+        keys = sorted(set(old) | set(settings))
+        diff = [k for k in keys if old.get(k) != settings.get(k) and k != "iterations"]
+        if diff:
+            lines = "\n".join(f"  {k}: was {old.get(k)!r}, now {settings.get(k)!r}" for k in diff)
+            raise UserError(f"pipeline: {root} belongs to a pipeline with other settings:\n{lines}\n"
+                            "use another pipeline.name (or the same settings to resume)")
+    root.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def _metrics(step: Step) -> dict[str, float]:
+    f = step.dir / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tuple[str, list[dict[str, Any]]]:
+    """``report.md`` and ``report.png`` in ``root``; returns the markdown and the per-iteration rows."""
+    by_it: dict[int, dict[str, Step]] = {}
+    for s in steps:
+        by_it.setdefault(s.iteration, {})[s.kind] = s
+    rows = []
+    for k in sorted(by_it):
+        st = by_it[k]
+        row: dict[str, Any] = {"iteration": k}
+        last = st.get("ppo") or st.get("rs_distill") or st.get("sft")
+        if last:
+            m = _metrics(last)
+            row["gold_helpfulness"] = m.get("eval/gold_helpfulness")
+            row["gold_safety"] = m.get("eval/gold_safety")
+            row["policy"] = last.name
+        if k == 1 and 0 not in by_it and "rs_distill" in st:  # a given starting policy: its gold eval at the start
+            m = _metrics(st["rs_distill"])
+            rows.append({"iteration": 0, "policy": "model.path", "gold_helpfulness": m.get("eval/gold_helpfulness_init"),
+                         "gold_safety": m.get("eval/gold_safety_init")})
+        for reward in ("helpfulness", "safety"):
+            m = _metrics(st[f"rm_{reward}"]) if f"rm_{reward}" in st else {}
+            if m:
+                row[f"rm_{reward}_acc"] = m.get("val/accuracy")
+                for b in BUCKETS:
+                    row[f"rm_{reward}_acc/{b}"] = m.get(f"val/accuracy/{b}")
+        if "rs" in st:
+            m = _metrics(st["rs"])
+            kmax = max((int(x.split("@")[1]) for x in m if x.startswith("rs/reward_max@")), default=None)
+            if kmax:
+                row["rs_max"], row["rs_median"], row["rs_k"] = m[f"rs/reward_max@{kmax}"], m[
+                    f"rs/reward_median@{kmax}"], kmax
+        if "ppo" in st:
+            m = _metrics(st["ppo"])
+            row["ppo_kl"], row["ppo_val_reward"] = m.get("ppo/kl"), m.get("val/reward")
+        row["seconds"] = sum(v for n, v in timings.items() if n.startswith(f"v{k}/"))
+        rows.append(row)
+
+    def f(x, nd=3):
+        return "–" if x is None else f"{x:.{nd}f}"
+
+    lines = ["# Pipeline report", "", "| iteration | policy | gold helpfulness | gold safety | RM help acc | "
+             "RM safety acc | RS max@K / median@K | PPO KL | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rs = f"{f(r.get('rs_max'))} / {f(r.get('rs_median'))}" if r.get("rs_max") is not None else "–"
+        lines.append(f"| {r['iteration']} | {r.get('policy', '–')} | {f(r.get('gold_helpfulness'))} | "
+                     f"{f(r.get('gold_safety'))} | {f(r.get('rm_helpfulness_acc'))} | {f(r.get('rm_safety_acc'))} | "
+                     f"{rs} | {f(r.get('ppo_kl'))} | {f(r.get('seconds', 0) / 60, 1) if r.get('seconds') else '–'} |")
+    lines += ["", "Helpfulness RM accuracy by rating bucket (Table 8's columns):", "",
+              "| iteration | " + " | ".join(BUCKETS) + " |", "|---|" + "---|" * len(BUCKETS)]
+    for r in rows:
+        if r.get("rm_helpfulness_acc") is not None:
+            lines.append(f"| {r['iteration']} | " + " | ".join(f(r.get(f'rm_helpfulness_acc/{b}')) for b in BUCKETS)
+                         + " |")
+    lines += ["", "Seconds per step:", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {n} | {v:.0f} |" for n, v in timings.items()]
+    lines += [f"| total | {sum(timings.values()):.0f} |"]
+    text = "\n".join(lines) + "\n"
+    (root / "report.md").write_text(text)
+    _figure(rows, root / "report.png")
+    return text, rows
+
+
+def _figure(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    its = [r["iteration"] for r in rows if r.get("gold_helpfulness") is not None]
+    ax[0].plot(its, [r["gold_helpfulness"] for r in rows if r.get("gold_helpfulness") is not None], "o-",
+               label="gold helpfulness")
+    ax[0].plot(its, [r.get("gold_safety") for r in rows if r.get("gold_helpfulness") is not None], "s--",
+               label="gold safety (safety prompts)")
+    ax[0].set_xlabel("iteration (0 = SFT)")
+    ax[0].set_title("Policy on held-out prompts")
+    ax[0].legend()
+    rm = [r for r in rows if r.get("rm_helpfulness_acc") is not None]
+    ax[1].plot([r["iteration"] for r in rm], [r["rm_helpfulness_acc"] for r in rm], "o-", label="helpfulness RM")
+    ax[1].plot([r["iteration"] for r in rm], [r.get("rm_safety_acc") for r in rm], "s--", label="safety RM")
+    ax[1].set_xlabel("iteration")
+    ax[1].set_title("Reward model validation accuracy")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_runner) -> dict[str, float]:
+    """Plan, run what is unfinished, report; returns the last iteration's row as metrics."""
+    p = OmegaConf.to_container(cfg.pipeline, resolve=True)
+    if int(p["iterations"]) < 1:
+        raise UserError(f"pipeline.iterations must be >= 1, got {p['iterations']}")
+    root = Path(p["root"])
+    common = [f"model={cfg.model.name}", f"seed={cfg.seed}", f"paths.output_root={cfg.paths.output_root}",
+              f"paths.cache_dir={cfg.paths.cache_dir}",
+              f"trainer.enable_progress_bar={str(bool(cfg.trainer.get('enable_progress_bar', True))).lower()}",
+              *list(p.get("common_overrides") or [])]
+    model_path = cfg.model.get("path")
+    steps = plan(p, common, model_path)
+    settings = {"model": cfg.model.name, "model_path": model_path, "seed": int(cfg.seed),
+                "iterations": int(p["iterations"]), "ppo_from": int(p["ppo_from"]),
+                **{k: v for k, v in p.items() if k.endswith("_overrides")}}
+    _manifest(root, settings)
+    log.info("pipeline %s: %d steps (%s)", root, len(steps), ", ".join(s.name for s in steps))
+    timings = execute(steps, runner, root / "timings.json")
+    text, rows = report(steps, timings, root)
+    print(text)
+    log.info("pipeline report: %s", root / "report.md")
+    out = Path(str(cfg.paths.output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    last = rows[-1]
+    first = rows[0]
+    metrics = {"pipeline/iterations": float(p["iterations"]), "pipeline/seconds": float(sum(timings.values()))}
+    for key in ("gold_helpfulness", "gold_safety"):
+        if last.get(key) is not None:
+            metrics[f"pipeline/final_{key}"] = float(last[key])
+        if first.get(key) is not None:
+            metrics[f"pipeline/start_{key}"] = float(first[key])
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
