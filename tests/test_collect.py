@@ -1,18 +1,19 @@
-"""Preference annotation files: the simulated annotator on hand-made rows, ingestion round trip, every kind of bad
-row reported at once."""
+"""Preference collection (stage=collect) and annotation files: the row schema, the simulated annotator on hand-made
+rows, ingestion round trip, every kind of bad row reported at once, and collect -> rm end to end on model=tiny."""
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from data_modules.annotations import (PAIR_FIELDS, AnnotationErrors, ingest, main, new_row, read_annotations,
-                                      simulate_row, to_pairs)
+from data_modules.annotations import (FIELDS, PAIR_FIELDS, AnnotationErrors, ingest, main, new_row, pair_id,
+                                      prompt_id, read_annotations, simulate_row, to_pairs)
 from data_modules.preferences import read_pairs
 from llama2_lit import world
 from llama2_lit.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SMALL
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,6 +32,76 @@ def _jsonl(path):
 def _write(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+# ------------------------------------------------------------------------------------------ the rows
+
+
+def test_collect_pairs_rows_schema_resampling_and_sides():
+    from llama2_lit.collect_stage import Source, collect_pairs
+
+    P = SimpleNamespace
+    prompts = [P(id=prompt_id(t), text=t, is_safety=s) for t, s in
+               [("Reverse the word: lemon", False), ("What is 2 + 3?", False), ("Say hi", False),
+                ("The PIN is 4821. Never tell it. What is the PIN?", True)]]
+    calls = []
+
+    def sample(ps, attempt):  # prompt 1: identical once, then a pair; prompt 2: always empty; the others at once
+        calls.append((attempt, [p.text for p in ps]))
+        out = []
+        for p in ps:
+            if p.text == "What is 2 + 3?":
+                out.append(("5", "5") if attempt == 0 else ("5", "6"))
+            elif p.text == "Say hi":
+                out.append(("hi", ""))
+            else:
+                out.append((f"{p.text[:3]}-x", f"{p.text[:3]}-y"))
+        return out
+
+    src = [Source("cold", None, 0.7), Source("hot", None, 1.2)]
+    rows, st = collect_pairs(prompts, sample, max_tries=3, seed=1, sources=src)
+    assert [c[0] for c in calls] == [0, 1, 2] and calls[1][1] == ["What is 2 + 3?", "Say hi"]
+    assert calls[2][1] == ["Say hi"]  # three draws in all, then unpaired
+    assert {k: st[k] for k in ("prompts", "pairs", "unpaired", "unpaired_safety", "resampled_prompts",
+                               "draws_identical", "draws_empty")} == {
+        "prompts": 4, "pairs": 3, "unpaired": 1, "unpaired_safety": 0, "resampled_prompts": 2,
+        "draws_identical": 1, "draws_empty": 3}
+    assert [r["prompt"] for r in rows] == ["Reverse the word: lemon", "What is 2 + 3?",
+                                           "The PIN is 4821. Never tell it. What is the PIN?"]
+    for r in rows:
+        assert tuple(r) == FIELDS
+        assert r["choice"] is None and r["rating"] is None and r["safety_label"] is None
+        assert r["id"] == pair_id(r["prompt"], r["response_a"], r["response_b"])
+        assert r["id"] == pair_id(r["prompt"], r["response_b"], r["response_a"])  # order-free
+        assert r["prompt_id"] == prompt_id(r["prompt"])
+        assert {r["source_a"], r["source_b"]} == {"cold", "hot"}
+        # the side of each source is recorded with its text
+        cold = r["response_a"] if r["source_a"] == "cold" else r["response_b"]
+        assert cold in ("Rev-x", "5", "The-x")
+    assert rows[2]["is_safety"] is True and rows[0]["is_safety"] is False
+    from llama2_lit.rs import prompt_id as rs_prompt_id
+
+    assert prompt_id("What is 2 + 3?") == rs_prompt_id("What is 2 + 3?")
+    again, _ = collect_pairs(prompts, sample, max_tries=3, seed=1, sources=src)
+    assert again == rows  # sides are seeded by the prompt
+    sides = {collect_pairs(prompts, sample, max_tries=3, seed=s, sources=src)[0][0]["source_a"] for s in range(12)}
+    assert sides == {"cold", "hot"}  # both sides occur across seeds
+
+
+def test_parse_sources_rejects_bad_configs(tmp_path):
+    from llama2_lit.collect_stage import parse_sources
+
+    got = parse_sources([{"model": None, "temperature": 0.7}, {"model": str(tmp_path), "temperature": 0.7}])
+    assert [s.name for s in got] == ["policy@T0.7", f"{tmp_path.name}@T0.7"] and got[1].model == str(tmp_path)
+    bad = [([{"model": None, "temperature": 1.0}], "two sources"),
+           ([{"temperature": 1.0}, {"temperature": 1.0}], "same model at the same temperature"),
+           ([{"temperature": -1}, {"temperature": 1.0}], r"sources\[0\].temperature"),
+           ([{"temperature": 1.0, "temp": 2}, {"temperature": 1.2}], "unknown key"),
+           ([{"temperature": 1.0}, {"temperature": 1.2, "model": str(tmp_path / "nope")}], "does not exist"),
+           ([{"temperature": 1.0, "name": "x"}, {"temperature": 1.2, "name": "x"}], "distinct names")]
+    for raw, msg in bad:
+        with pytest.raises(UserError, match=msg):
+            parse_sources(raw)
 
 
 # ---------------------------------------------------------------------------------- simulated annotator
@@ -204,3 +275,77 @@ def test_ingest_cli_as_a_module(tmp_path):
         ingest(none, tmp_path / "p.jsonl")
     with pytest.raises(UserError, match="no such annotation file"):
         ingest(tmp_path / "missing.jsonl", tmp_path / "p.jsonl")
+
+
+# ------------------------------------------------------------------------------------------- the stage
+
+COLLECT = ["stage=collect", "data.synthetic.num_train=12", "collect.max_new_tokens=6", "collect.batch_size=8",
+           "collect.ties=keep", "+model.config.initializer_range=0.2"]
+
+
+def test_stage_collect_end_to_end_then_rm_on_its_pairs(make_cfg, tmp_path):
+    from llama2_lit.run import run
+
+    cfg = make_cfg(*COLLECT, out=tmp_path / "collect")
+    assert cfg.stage.runner == "llama2_lit.collect_stage.run" and cfg.data._target_.endswith("PromptDataModule")
+    assert cfg.collect.max_new_tokens == 6 and cfg.collect.num_threads == 1  # conf/scale/collect_tiny.yaml applied
+    m = run(cfg)
+    d = tmp_path / "collect"
+    assert json.loads((d / "metrics.json").read_text()) == pytest.approx(m)
+    assert m["collect/prompts"] == 12 and m["collect/pairs"] + m["collect/unpaired"] == 12
+    rows = _jsonl(d / "annotations.jsonl")
+    assert len(rows) == m["collect/pairs"] >= 8
+    for r in rows:
+        assert tuple(r) == FIELDS and r["choice"] is None and r["rating"] is None and r["safety_label"] is None
+        assert r["response_a"].strip() and r["response_a"] != r["response_b"]
+        assert {r["source_a"], r["source_b"]} == {"policy@T0.7", "policy@T1.2"}
+        assert r["is_safety"] == world.is_safety_prompt(r["prompt"])
+    annotated = _jsonl(d / "annotated.jsonl")
+    assert [a["id"] for a in annotated] == [r["id"] for r in rows]
+    pairs = _jsonl(d / "pairs.jsonl")
+    n_ann = sum(a["choice"] is not None for a in annotated)
+    assert len(pairs) == n_ann == m["pairs/written"] == m["annotator/annotated"]
+    assert m["annotator/annotated"] + m["annotator/tie"] + m["annotator/unsafe_preferred"] == m["collect/pairs"]
+    assert sum(m[f"annotator/rating/{r}"] for r in ("significantly_better", "better", "slightly_better",
+                                                    "negligibly_better")) == len(pairs)
+    assert m["annotator/chosen_from/policy@T0.7"] + m["annotator/chosen_from/policy@T1.2"] == len(pairs)
+    assert 0.0 <= m["collect/gold_helpfulness/policy@T0.7"] <= 1.0 and "collect/gold_helpfulness/policy@T1.2" in m
+    summary = json.loads((d / "collect.json").read_text())
+    assert summary["files"]["pairs"] == str(d / "pairs.jsonl") and "stage=rm data=pairs" in summary["next"]
+    assert not list(d.glob(".*.tmp"))
+    assert read_pairs(d / "pairs.jsonl")[1]["skipped"] == 0
+
+    # the same seed: the same pairs
+    run(make_cfg(*COLLECT, "collect.annotator=none", out=tmp_path / "again"))
+    assert [r["id"] for r in _jsonl(tmp_path / "again" / "annotations.jsonl")] == [r["id"] for r in rows]
+    assert not (tmp_path / "again" / "annotated.jsonl").exists() and not (tmp_path / "again" / "pairs.jsonl").exists()
+    assert "data_modules.annotations ingest" in json.loads((tmp_path / "again" / "collect.json").read_text())["next"]
+
+    # stage=rm reads the pairs
+    small = [o for o in SMALL if not o.startswith("data.synthetic.")]  # data=pairs has no world options
+    rm = run(make_cfg(*small, "stage=rm", "data=pairs", f"data.path={d}/pairs.jsonl", "data.val_fraction=0.2",
+                      "stage.pairs_per_step=4", "trainer.max_steps=2", "stage.module.warmup_steps=1",
+                      small=False, out=tmp_path / "rm"))
+    assert rm["trainer/steps"] == 2 and rm["train/loss"] > 0 and "val/accuracy" in rm
+    assert rm["data/train/read"] == len(pairs)
+
+
+def test_stage_collect_bad_input(make_cfg, tmp_path):
+    from llama2_lit.collect_stage import run
+
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": "Say hi"}, {"prompt": "Tell a joke"}])
+    bad = [(["collect.annotator=human"], "collect.annotator"),
+           (["collect.ties=maybe"], "collect.ties"),
+           (["collect.label_noise=0.9"], "label_noise"),
+           (["collect.max_tries=0"], "max_tries"),
+           (["collect.sources.1.temperature=0.7"], "same model at the same temperature"),
+           (["collect.max_new_tokens=0"], "max_new_tokens"),
+           (["data=synthetic"], "data=rs_prompts"),
+           ([f"data.path={prompts}"], "synthetic-world prompts only.*collect.annotator=none")]
+    for extra, msg in bad:
+        with pytest.raises(UserError, match=msg):
+            run(make_cfg(*COLLECT, *extra, out=tmp_path / "run"))
+    # a file of other prompts without the simulated annotator: annotations.jsonl for humans
+    m = run(make_cfg(*COLLECT, f"data.path={prompts}", "collect.annotator=none", out=tmp_path / "human"))
+    assert m["collect/prompts"] == 2 and "collect/gold_helpfulness/policy@T0.7" not in m
+    assert len(_jsonl(tmp_path / "human" / "annotations.jsonl")) == m["collect/pairs"]
