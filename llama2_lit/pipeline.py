@@ -57,7 +57,8 @@ def _list(items: Sequence[str]) -> str:
 def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[Step]:
     """The ordered steps of a pipeline (pure: paths and overrides only, nothing runs).
 
-    ``p``: the ``pipeline`` options (``root``, ``iterations``, ``ppo_from``, ``<kind>_overrides`` lists, ``seed``);
+    ``p``: the ``pipeline`` options (``root``, ``iterations``, ``ppo_from``, ``<kind>_overrides`` lists, ``seed``,
+    ``collect_previous_policy``: from V2 on, the second answer of each pair comes from the previous policy);
     ``common``: overrides every step gets (model, seed, paths, ...); ``model_path``: the starting policy, or None to
     run SFT first.
     """
@@ -71,12 +72,16 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
         policy = str(d / "hf")
         steps.append(Step("v0/sft", 0, "sft", d, ["stage=sft", *common, *extra("sft")], policy))
     pairs: list[str] = []
+    previous = None
     for k in range(1, int(p["iterations"]) + 1):
         v = root / f"v{k}"
         seed_k = int(p["seed"]) * 1000 + k
+        variant = []  # the paper samples the pair from two model variants: the latest policy and the one before
+        if previous and p.get("collect_previous_policy", True):
+            variant = [f"collect.sources.1.model={previous}", "collect.sources.1.name=previous"]
         steps.append(Step(f"v{k}/collect", k, "collect", v / "collect",
                           ["stage=collect", *common, f"model.path={policy}", f"data.seed={seed_k}",
-                           f"collect.seed={seed_k}", *extra("collect")]))
+                           f"collect.seed={seed_k}", *variant, *extra("collect")]))
         pairs.append(str(v / "collect" / "pairs.jsonl"))
         rms = {}
         for reward in ("helpfulness", "safety"):
@@ -93,7 +98,7 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
         steps.append(Step(f"v{k}/rs_distill", k, "rs_distill", d,
                           ["stage=rs_distill", "data=rs_bag", f"data.path={v / 'rs'}", *common, f"model.path={policy}",
                            *extra("rs_distill")], str(d / "hf")))
-        policy = str(d / "hf")
+        previous, policy = policy, str(d / "hf")
         if k >= int(p["ppo_from"]):
             d = v / "ppo"
             steps.append(Step(f"v{k}/ppo", k, "ppo", d,

@@ -38,6 +38,9 @@ def test_v1_to_v5_order_and_hand_offs(tmp_path):
     # rejection sampling: one bag for all iterations, numbered
     assert arg(by["v3/rs"], "rs.iteration") == "3" and arg(by["v3/rs"], "rs.bag_dir") == str(tmp_path / "rs_bag")
     assert arg(by["v3/rs_distill"], "data.path") == str(tmp_path / "v3/rs")
+    # from V2 on the second answer of a pair comes from the previous policy (two model variants)
+    assert "collect.sources.1.model=" + str(tmp_path / "v0/sft/hf") in by["v2/collect"].overrides
+    assert not any(o.startswith("collect.sources") for o in by["v1/collect"].overrides)
     # new prompts for every collection
     assert len({arg(by[f"v{k}/collect"], "data.seed") for k in range(1, 6)}) == 5
     # a given starting policy skips SFT
@@ -96,3 +99,87 @@ def test_pipeline_dir_of_other_settings_is_refused(make_cfg, tmp_path):
         run(make_cfg(*over, "seed=5", out=tmp_path / "c"), runner=fake_runner([]))
     with pytest.raises(UserError, match="iterations must be >= 1"):
         run(make_cfg(*over, "pipeline.iterations=0", out=tmp_path / "d"), runner=fake_runner([]))
+
+
+# ---------------------------------------------------------------------------------- real stages, model=tiny
+
+SMALL_COMMON = ["logger=none", "trainer.enable_model_summary=false", "+model.config.initializer_range=0.2"]
+TINY = [
+    f"pipeline.common_overrides={_l}" for _l in [
+        "[" + ",".join(f"'{x}'" for x in SMALL_COMMON) + "]"]
+] + [
+    "pipeline.sft_overrides=['trainer.max_steps=3','data.synthetic.num_train=120','data.synthetic.num_val=16',"
+    "'data.synthetic.num_eval=8','stage.seq_len=128','stage.batch_size=4','callbacks.gold_eval.max_new_tokens=4',"
+    "'model.config.hidden_size=32','model.config.intermediate_size=64','model.config.num_hidden_layers=2']",
+    "pipeline.collect_overrides=['data.synthetic.num_train=40','collect.max_new_tokens=6','collect.ties=keep']",
+    "pipeline.rm_overrides=['trainer.max_steps=2','stage.batch_size=4','stage.pairs_per_step=4',"
+    "'data.val_fraction=0.2']",
+    "pipeline.rs_overrides=['data.synthetic.num_train=8','rs.num_samples=3','rs.max_new_tokens=6']",
+    "pipeline.rs_distill_overrides=['trainer.max_steps=2','stage.seq_len=64','data.val_fraction=0.2',"
+    "'callbacks.gold_eval.max_new_tokens=4','callbacks.gold_eval.at_start=true']",
+    "pipeline.ppo_overrides=['ppo.iterations=2','stage.batch_size=4','ppo.mini_batch_size=4','ppo.max_new_tokens=4',"
+    "'ppo.eval.max_new_tokens=4','data.synthetic.num_eval=8','callbacks.gold_eval.max_new_tokens=4']",
+]
+
+
+def _cmd(root, iterations):
+    import sys
+
+    return [sys.executable, "-m", "llama2_lit", "stage=pipeline", f"pipeline.root={root}",
+            f"pipeline.iterations={iterations}", "pipeline.ppo_from=2", "trainer.enable_progress_bar=false", *TINY,
+            f"hydra.run.dir={root}/_pipeline_run"]
+
+
+@pytest.mark.slow
+def test_two_iterations_end_to_end_on_tiny(tmp_path):
+    import subprocess
+
+    root = tmp_path / "p"
+    out = subprocess.run(_cmd(root, 2), capture_output=True, text=True, env=_env(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    for step in ("v0/sft", "v1/collect", "v1/rm_helpfulness", "v1/rm_safety", "v1/rs", "v1/rs_distill", "v2/collect",
+                 "v2/rs", "v2/rs_distill", "v2/ppo"):
+        assert (root / step / "metrics.json").is_file(), step
+    text = (root / "report.md").read_text()
+    assert "| 2 | v2/ppo |" in text and (root / "report.png").is_file()
+    m = json.loads((root / "_pipeline_run" / "metrics.json").read_text())
+    assert 0.0 <= m["pipeline/final_gold_helpfulness"] <= 1.0 and m["pipeline/iterations"] == 2
+
+
+def _env(tmp_path):
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_without_rerunning_finished_steps(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    root = tmp_path / "p"
+    proc = subprocess.Popen(_cmd(root, 1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(tmp_path), start_new_session=True)
+    deadline = time.time() + 240
+    while not (root / "v1" / "collect" / "metrics.json").is_file():  # killed after SFT and collection
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+        time.sleep(0.2)
+    os_killpg = __import__("os").killpg
+    os_killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    sft_stamp = (root / "v0" / "sft" / "metrics.json").stat().st_mtime_ns
+    out = subprocess.run(_cmd(root, 1), capture_output=True, text=True, env=_env(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "v0/sft finished earlier: skipped" in log and "v1/collect finished earlier: skipped" in log
+    assert (root / "v0" / "sft" / "metrics.json").stat().st_mtime_ns == sft_stamp
+    assert (root / "v1" / "rs_distill" / "metrics.json").is_file()
+    timings = json.loads((root / "timings.json").read_text())
+    # the rerun ran exactly the unfinished steps (collection's time may be lost: it was killed as it ended)
+    assert [k for k in timings if k != "v1/collect"] == ["v0/sft", "v1/rm_helpfulness", "v1/rm_safety", "v1/rs",
+                                                          "v1/rs_distill"]
+    import re
+
+    ran = re.findall(r"pipeline: (?:running|resuming) (\S+)", log)
+    assert ran == ["v1/rm_helpfulness", "v1/rm_safety", "v1/rs", "v1/rs_distill"]
