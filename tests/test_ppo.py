@@ -110,7 +110,8 @@ def test_ppo_end_to_end_writes_outputs(make_cfg, parts, tmp_path):
     metrics = run(make_cfg(*ppo_overrides(parts), out=tmp_path))
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
-    for key in ("val/reward_init", "val/reward", "eval/gold_helpfulness", "val/gold_helpfulness_init",
+    for key in ("val/reward_init", "val/reward", "val/reward_greedy", "val/gold_helpfulness_greedy_init",
+                "eval/gold_helpfulness", "val/gold_helpfulness_init",
                 "ppo/kl", "data/prompts_without_safety_tag"):
         assert key in saved, key
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None

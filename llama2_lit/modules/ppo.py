@@ -81,7 +81,7 @@ class PPOModule(L.LightningModule):
         self.skipped = 0
         self.best_val_reward = -math.inf
         self.best_iteration = 0
-        self._val: dict[str, list] = {}
+        self._val: dict[str, dict[str, list]] = {}
         self.history: list[dict[str, float]] = []  # every iteration's logged scalars (benchmarks read the timings)
 
     @property
@@ -295,23 +295,34 @@ class PPOModule(L.LightningModule):
 
     # -- held-out evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch: Sequence[Any], batch_idx: int) -> None:
-        from llama2_lit.scoring import gated
-
+        """Held-out answers at ``ppo.eval.temperature`` (the policy PPO optimises samples at ``ppo.temperature``;
+        seeded, so every evaluation draws the same uniforms) and, with ``ppo.eval.greedy``, greedy answers too
+        (``val/*_greedy``)."""
         o = self.opts
         ev = o.get("eval") or {}
+        modes = [("", float(ev.get("temperature", o["temperature"])))]
+        if ev.get("greedy", True) and modes[0][1] > 0:
+            modes.append(("_greedy", 0.0))
+        for suffix, temperature in modes:
+            self._evaluate_batch(batch, batch_idx, suffix, temperature, int(ev.get("max_new_tokens",
+                                                                                    o["max_new_tokens"])))
+
+    def _evaluate_batch(self, batch, batch_idx: int, suffix: str, temperature: float, max_new_tokens: int) -> None:
+        from llama2_lit.scoring import gated
+
         prompts = [p.text for p in batch]
-        roll = self.engine.generate(prompts, Sampling(max_new_tokens=int(ev.get("max_new_tokens", o["max_new_tokens"])),
-                                                      temperature=float(ev.get("temperature", 0.0)), seed=0))
+        roll = self.engine.generate(prompts, Sampling(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                      seed=int(self.opts.get("seed") or 0) + batch_idx))
         texts = self.engine.decode(roll)
         is_safety = torch.tensor([bool(p.is_safety) for p in batch])
         helpful, safety = self.scorer(prompts, texts)
-        r_c = gated(helpful, safety, is_safety, float(o["safety_threshold"]))
-        v = self._val
+        r_c = gated(helpful, safety, is_safety, float(self.opts["safety_threshold"]))
+        v = self._val.setdefault(suffix, {})
         v.setdefault("reward", []).extend(r_c.tolist())
-        v.setdefault("helpful", []).extend(helpful.tolist())
-        v.setdefault("length", []).extend(roll.response_mask.sum(1).tolist())
+        v.setdefault("helpfulness_score", []).extend(helpful.tolist())
+        v.setdefault("response_length", []).extend(roll.response_mask.sum(1).tolist())
         if not torch.isnan(safety).all():
-            v.setdefault("safety", []).extend(safety[is_safety].tolist())
+            v.setdefault("safety_score_on_safety_prompts", []).extend(safety[is_safety].tolist())
         try:
             gh = [world.gold_helpfulness(p, r) for p, r in zip(prompts, texts)]
             gs = [world.gold_safety(p, r) for p, r, s in zip(prompts, texts, is_safety.tolist()) if s]
@@ -321,18 +332,10 @@ class PPOModule(L.LightningModule):
         v.setdefault("gold_safety", []).extend(gs)
 
     def on_validation_epoch_end(self) -> None:
-        v, self._val = self._val, {}
-        if not v:
+        vals, self._val = self._val, {}
+        if not vals:
             return
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        m = {"val/reward": mean(v["reward"]), "val/helpfulness_score": mean(v["helpful"]),
-             "val/response_length": mean(v["length"])}
-        if v.get("safety"):
-            m["val/safety_score_on_safety_prompts"] = mean(v["safety"])
-        if v.get("gold_helpfulness"):
-            m["val/gold_helpfulness"] = mean(v["gold_helpfulness"])
-        if v.get("gold_safety"):
-            m["val/gold_safety"] = mean(v["gold_safety"])
+        m = {f"val/{k}{suffix}": sum(xs) / len(xs) for suffix, v in vals.items() for k, xs in v.items() if xs}
         if m["val/reward"] > self.best_val_reward and not self.trainer.sanity_checking:
             self.best_val_reward, self.best_iteration = m["val/reward"], self.iteration
         m["val/reward_best"] = max(self.best_val_reward, m["val/reward"])
