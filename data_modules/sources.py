@@ -7,26 +7,34 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from llama2_lit.errors import DataError, UserError
 
 
-def iter_records(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
+def iter_records(path: str, split: str = "train",
+                 on_bad: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_or_row, record)`` from ``path``.
 
     ``path`` may be a ``.jsonl`` file, a ``.json`` file (a list of objects, or ``{"data": [...]}``),
     a ``.parquet`` file, a folder written by ``datasets.Dataset.save_to_disk`` (or a DatasetDict,
     whose ``split`` is read), or a hub dataset id (only tried when no local path of that name exists).
+
+    Text is UTF-8 (a leading BOM is accepted). A line (JSONL) or row (JSON list) that cannot be read as
+    one object (bad UTF-8, malformed JSON, not an object, a lone surrogate such as ``"\\ud800"``)
+    raises a :class:`DataError` naming it; with ``on_bad``, that error is passed to ``on_bad`` instead
+    and reading goes on. A file that cannot be read at all (a malformed ``.json`` document, a
+    corrupt Parquet file) always raises.
     """
     p = Path(os.path.expanduser(str(path)))
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix in (".jsonl", ".ndjson"):
-            yield from _iter_jsonl(p)
+            yield from iter_jsonl(p, on_bad)
         elif suffix == ".json":
-            yield from _iter_json(p)
+            yield from _iter_json(p, on_bad)
         elif suffix == ".parquet":
             yield from _iter_dataset(_load_parquet(p), str(p))
         else:
@@ -39,32 +47,120 @@ def iter_records(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
         raise UserError(f"{path}: data path does not exist")
 
 
-def _iter_jsonl(p: Path) -> Iterator[tuple[int, dict]]:
-    with p.open(encoding="utf-8") as f:
+_BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _loads(text: str, path: str, line: int | None) -> Any:
+    """``json.loads`` whose every failure (digit limit and nesting depth included) is a :class:`DataError`
+    naming ``line`` (None: the line the error is on)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        msg, line = f"{e.msg} at column {e.colno}", e.lineno if line is None else line
+    except ValueError as e:  # an integer beyond the int-to-str digit limit
+        msg = str(e)
+    except RecursionError:
+        msg = "nested too deeply"
+    raise DataError(path, line, None, f"malformed JSON ({msg})")
+
+
+def lone_surrogate(obj: Any) -> str | None:
+    """The field (``a.b[0]``) of the first key or string holding a lone UTF-16 surrogate (``"\\ud800"``
+    escapes), which no UTF-8 file, tokenizer or hash can take; None if there is none."""
+    stack = [("", obj)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return where or "<value>"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                name = f"{where}.{_key(k)}" if where else _key(k)
+                if isinstance(k, str) and _SURROGATE.search(k):
+                    return name
+                stack.append((name, x))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error message: one line of about ``limit`` characters at most (a 1 MB field or a
+    400-digit number is shortened), lone surrogates escaped."""
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** limit:
+        return f"<an integer of {len(str(abs(value)))} digits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _key(k: Any) -> str:
+    return k if isinstance(k, str) and re.fullmatch(r"[\w.-]{1,40}", k, re.ASCII) else brief(k, 40)
+
+
+def _record(rec: Any, path: str, line: int) -> dict:
+    """``rec`` if it is an object whose text is valid Unicode, else a :class:`DataError` naming the line."""
+    if not isinstance(rec, dict):
+        raise DataError(path, line, None, f"expected a JSON object, got {type(rec).__name__}")
+    field = lone_surrogate(rec)
+    if field is not None:
+        raise DataError(path, line, field, "holds a lone UTF-16 surrogate (an invalid '\\ud800'-style escape)")
+    return rec
+
+
+def _strip_bom(raw: bytes) -> bytes:
+    return raw[len(_BOM):] if raw.startswith(_BOM) else raw
+
+
+def iter_jsonl(path: str | os.PathLike,
+               on_bad: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """``(line, object)`` of each non-blank line of a JSON Lines file (see :func:`iter_records` for ``on_bad``).
+
+    Lines end at ``\\n`` only (``\\r`` before it is JSON whitespace, so CRLF files read the same), so line
+    numbers match what editors show and a stray ``\\r`` inside a line does not split a record.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    with p.open("rb") as f:
         for i, raw in enumerate(f, start=1):
+            raw = _strip_bom(raw) if i == 1 else raw
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(str(p), i, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(str(p), i, None, f"expected a JSON object, got {type(rec).__name__}")
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(str(p), i, None, f"not valid UTF-8 (byte {e.start + 1} of the line: "
+                                                     f"{e.reason})") from None
+                rec = _record(_loads(text, str(p), i), str(p), i)
+            except DataError as e:
+                if on_bad is None:
+                    raise
+                on_bad(e)
+                continue
             yield i, rec
 
 
-def _iter_json(p: Path) -> Iterator[tuple[int, dict]]:
+def _iter_json(p: Path, on_bad: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
+    raw = _strip_bom(p.read_bytes())
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(str(p), e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(str(p), raw.count(b"\n", 0, e.start) + 1, None, f"not valid UTF-8 ({e.reason})") from None
+    data = _loads(text, str(p), None)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(str(p), None, None, "expected a JSON list of objects (or {\"data\": [...]})")
     for i, rec in enumerate(data, start=1):
-        if not isinstance(rec, dict):
-            raise DataError(str(p), i, None, f"row {i}: expected an object, got {type(rec).__name__}")
+        try:
+            rec = _record(rec, str(p), i)
+        except DataError as e:
+            if on_bad is None:
+                raise
+            on_bad(e)
+            continue
         yield i, rec
 
 
@@ -75,8 +171,12 @@ def _iter_dataset(ds, name: str) -> Iterator[tuple[int, dict]]:
 
 def _load_parquet(p: Path):
     import datasets
+    import pyarrow as pa
 
-    return datasets.Dataset.from_parquet(str(p))
+    try:
+        return datasets.Dataset.from_parquet(str(p))
+    except (pa.ArrowException, OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        raise UserError(f"{p}: not a readable Parquet file ({type(e).__name__}: {e})") from None
 
 
 def _load_from_disk(p: Path, split: str):
