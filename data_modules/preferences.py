@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from data_modules.sources import iter_records
+from data_modules.sources import brief, iter_records
 from llama2_lit.errors import DataError, UserError
 
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
@@ -78,12 +78,13 @@ def parse_rating(value: Any) -> str:
             return key
         if key in _RATING_ALIASES:
             return _RATING_ALIASES[key]
-        if key.isdigit() and int(key) in _RATING_INTS:
-            return _RATING_INTS[int(key)]
+        digit = re.fullmatch(r"0*([0-3])", key)  # ASCII digits only; no int() of a 5000-digit string
+        if digit:
+            return _RATING_INTS[int(digit.group(1))]
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        if float(value).is_integer() and int(value) in _RATING_INTS:
-            return _RATING_INTS[int(value)]
-    raise ValueError(f"unknown rating {value!r} (expected one of: {_VALID_RATINGS_TEXT})")
+        if value in _RATING_INTS:  # 3 and 3.0 alike; no float() of a huge int (OverflowError)
+            return _RATING_INTS[value]
+    raise ValueError(f"unknown rating {brief(value)} (expected one of: {_VALID_RATINGS_TEXT})")
 
 
 def margin_for(rating: str, preset: str) -> float:
@@ -235,7 +236,7 @@ def _message_list(value, field, path, line) -> list[dict]:
             raise _err(path, line, field, f"message {i} must be an object with 'role' and 'content'", "bad_type")
         role, content = msg["role"], msg["content"]
         if role not in ROLES:
-            msg = f"message {i} has role {role!r} (expected one of: {', '.join(ROLES)})"
+            msg = f"message {i} has role {brief(role)} (expected one of: {', '.join(ROLES)})"
             raise _err(path, line, field, msg, "bad_value")
         if not isinstance(content, str):
             raise _err(path, line, field, f"message {i} content must be a string", "bad_type")
@@ -364,12 +365,16 @@ def to_pair(
     elif isinstance(is_safety, bool) or (isinstance(is_safety, numbers.Integral) and int(is_safety) in (0, 1)):
         is_safety = bool(is_safety)
     else:
-        raise _err(path, line, "is_safety", f"must be true/false, got {is_safety!r}", "bad_value")
+        raise _err(path, line, "is_safety", f"must be true/false, got {brief(is_safety)}", "bad_value")
 
     margin = record.get("margin")
     if margin is not None:
-        if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(float(margin)):
-            raise _err(path, line, "margin", f"must be a finite number, got {margin!r}", "bad_value")
+        try:
+            ok = not isinstance(margin, bool) and isinstance(margin, numbers.Real) and math.isfinite(float(margin))
+        except OverflowError:  # an integer beyond float range
+            ok = False
+        if not ok:
+            raise _err(path, line, "margin", f"must be a finite number, got {brief(margin)}", "bad_value")
         margin = float(margin)
 
     src = record.get("source")
@@ -393,7 +398,8 @@ def read_pairs(
     ``on_error="raise"`` stops at the first bad record with its :class:`DataError`; ``"skip"`` drops
     bad records and counts them. Returns ``(pairs, stats)`` with ``stats = {"read", "kept",
     "skipped", "skipped_by_reason": {reason: n}, "first_error_by_reason": {reason: message}}``.
-    Unreadable input (malformed JSON line, missing file) always raises: the reader cannot resume.
+    A line that is no record (malformed JSON, bad UTF-8, not an object) is skipped as reason ``unreadable``;
+    input that cannot be read at all (a missing or corrupt file, a malformed ``.json`` document) always raises.
     ``source`` defaults to the file (or folder) name. No pair kept -> :class:`UserError` naming the path.
     """
     if on_error not in ("raise", "skip"):
@@ -405,15 +411,24 @@ def read_pairs(
     reasons: Counter = Counter()
     first: dict[str, str] = {}
     read = 0
-    for line, rec in iter_records(str(path), split):
+
+    def skip(e: DataError, reason: str) -> None:
+        reasons[reason] += 1
+        first.setdefault(reason, str(e))
+
+    def unreadable(e: DataError) -> None:  # a line iter_records could not turn into a record: read, and skipped
+        nonlocal read
+        read += 1
+        skip(e, "unreadable")
+
+    for line, rec in iter_records(str(path), split, on_bad=unreadable if on_error == "skip" else None):
         read += 1
         try:
             pairs.append(to_pair(rec, fmt=fmt, path=path, line=line, default_is_safety=default_is_safety, source=src))
         except PairError as e:
             if on_error == "raise":
                 raise
-            reasons[e.reason] += 1
-            first.setdefault(e.reason, str(e))
+            skip(e, e.reason)
     stats = {
         "read": read,
         "kept": len(pairs),
