@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from data_modules.preferences import RATINGS, UNKNOWN, parse_rating
+from data_modules.sources import brief, iter_jsonl, lone_surrogate
 from llama2_lit.errors import DataError, UserError
 
 CHOICES = ("a", "b")
@@ -107,6 +108,9 @@ def validate_row(rec: Any, path: str | None = None, line: int | None = None) -> 
         if not isinstance(v, str):
             bad(field, f"must be a string, got {'null' if v is None else type(v).__name__}")
             return None
+        if lone_surrogate(v) is not None:  # no UTF-8 file (nor the prompt id's hash) can hold it
+            bad(field, "holds a lone UTF-16 surrogate (an invalid '\\ud800'-style escape)")
+            return None
         if required and not v.strip():
             bad(field, "is empty")
             return None
@@ -129,7 +133,7 @@ def validate_row(rec: Any, path: str | None = None, line: int | None = None) -> 
     elif isinstance(s, bool) or (isinstance(s, int) and s in (0, 1)):
         row["is_safety"] = bool(s)
     else:
-        bad("is_safety", f"must be true or false, got {s!r}")
+        bad("is_safety", f"must be true or false, got {brief(s)}")
 
     choice = None
     if "choice" not in rec:
@@ -140,7 +144,7 @@ def validate_row(rec: Any, path: str | None = None, line: int | None = None) -> 
         if isinstance(c, str) and c.strip().lower() in CHOICES:
             choice = c.strip().lower()
         else:
-            bad("choice", f"unknown choice {c!r} (expected 'a', 'b', or null when not annotated)")
+            bad("choice", f"unknown choice {brief(c)} (expected 'a', 'b', or null when not annotated)")
             choice = "?"  # set but bad: the rating rules below still apply
     row["choice"] = choice if choice in CHOICES else None
 
@@ -166,7 +170,8 @@ def validate_row(rec: Any, path: str | None = None, line: int | None = None) -> 
         if isinstance(raw_label, str) and _label(raw_label) in SAFETY_LABELS:
             label = _label(raw_label)
         else:
-            bad("safety_label", f"unknown safety label {raw_label!r} (expected one of: {', '.join(SAFETY_LABELS)})")
+            bad("safety_label",
+                f"unknown safety label {brief(raw_label)} (expected one of: {', '.join(SAFETY_LABELS)})")
             label = "?"
     if choice is None and label is not None:
         bad("safety_label", "is set but choice is null (set the choice, or clear the label)")
@@ -186,27 +191,20 @@ def read_annotations(path: str | os.PathLike) -> tuple[list[dict], list[DataErro
     rows: list[dict] = []
     errors: list[DataError] = []
     first_line: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for line, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                errors.append(DataError(str(path), line, None, f"malformed JSON ({e.msg} at column {e.colno})"))
-                continue
-            row, errs = validate_row(rec, str(path), line)
-            rid = rec.get("id") if isinstance(rec, dict) else None
-            if isinstance(rid, str) and rid.strip():
-                if rid in first_line:
-                    errs.append(DataError(str(path), line, "id", f"duplicates the id of line {first_line[rid]} "
-                                                                  f"({rid!r})"))
-                    row = None
-                else:
-                    first_line[rid] = line
-            errors += errs
-            if row is not None:
-                rows.append(row)
+    # unreadable lines (bad UTF-8, malformed JSON, not an object, a lone surrogate) are errors of their line
+    for line, rec in iter_jsonl(p, on_bad=errors.append):
+        row, errs = validate_row(rec, str(p), line)
+        rid = rec.get("id")
+        if isinstance(rid, str) and rid.strip():
+            if rid in first_line:
+                errs.append(DataError(str(p), line, "id", f"duplicates the id of line {first_line[rid]} "
+                                                          f"({brief(rid)})"))
+                row = None
+            else:
+                first_line[rid] = line
+        errors += errs
+        if row is not None:
+            rows.append(row)
     return rows, errors
 
 
