@@ -18,7 +18,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Sampler
 
 from data_modules.sft import PackedSFTDataModule
-from data_modules.sources import iter_records
+from data_modules.sources import brief, iter_records
 from llama2_lit import world
 from llama2_lit.errors import DataError, UserError
 from llama2_lit.rs import prompt_id
@@ -106,12 +106,14 @@ class PromptDataModule(L.LightningDataModule):
         for line, rec in iter_records(path):
             text = rec.get(self.prompt_field)
             if not isinstance(text, str) or not text.strip():
-                raise DataError(path, line, self.prompt_field, "is missing or empty")
+                why = ("is missing" if text is None else "is empty" if isinstance(text, str)
+                       else f"must be a string, got {type(text).__name__}")
+                raise DataError(path, line, self.prompt_field, why)
             if self.safety_field not in rec:
                 untagged += 1
             tag = rec.get(self.safety_field, False)
             if not isinstance(tag, bool):
-                raise DataError(path, line, self.safety_field, f"must be true or false, got {tag!r}")
+                raise DataError(path, line, self.safety_field, f"must be true or false, got {brief(tag)}")
             raw.append((text, tag))
         return raw, untagged
 
