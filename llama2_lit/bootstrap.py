@@ -65,6 +65,8 @@ def prepare_ppo(cfg: DictConfig) -> DictConfig:
         raise UserError(f"stage=ppo needs {', '.join(missing)}: they can be trained on the fly on the synthetic world "
                         f"only (it has a gold annotator), and data.path is '{cfg.data.get('path')}'")
     root = Path(str(boot.dir))
+    if any(c in str(cfg.model.name) for c in "/\\") or str(cfg.model.name).startswith("."):
+        raise UserError(f"model.name: '{cfg.model.name}' must be a plain name (it names the bootstrap folders)")
     common = [f"model={cfg.model.name}", f"seed={cfg.seed}", f"paths.output_root={cfg.paths.output_root}",
               f"paths.cache_dir={cfg.paths.cache_dir}",
               f"trainer.enable_progress_bar={str(bool(cfg.trainer.get('enable_progress_bar', True))).lower()}"]

@@ -262,6 +262,9 @@ def _figure(rows: list[dict[str, Any]], out: Path) -> None:
 
 def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_runner) -> dict[str, float]:
     """Plan, run what is unfinished, report; returns the last iteration's row as metrics."""
+    name = str(cfg.pipeline.name)
+    if not name or name in (".", "..") or any(c in name for c in "/\\") or name.startswith("."):
+        raise UserError(f"pipeline.name: '{name}' must be a plain folder name (no '/', '\\' or leading '.')")
     p = OmegaConf.to_container(cfg.pipeline, resolve=True)
     if int(p["iterations"]) < 1:
         raise UserError(f"pipeline.iterations must be >= 1, got {p['iterations']}")

@@ -97,6 +97,8 @@ def test_pipeline_dir_of_other_settings_is_refused(make_cfg, tmp_path):
     run(make_cfg(*over, "pipeline.iterations=2", out=tmp_path / "b"), runner=fake_runner([]))  # extending is fine
     with pytest.raises(UserError, match="seed: was 1234, now 5"):
         run(make_cfg(*over, "seed=5", out=tmp_path / "c"), runner=fake_runner([]))
+    with pytest.raises(UserError, match="plain folder name"):
+        run(make_cfg("stage=pipeline", "pipeline.name=../../escape", out=tmp_path / "e"), runner=fake_runner([]))
     with pytest.raises(UserError, match="iterations must be >= 1"):
         run(make_cfg(*over, "pipeline.iterations=0", out=tmp_path / "d"), runner=fake_runner([]))
 
