@@ -18,6 +18,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.resume import EpochEndResume
+
 log = logging.getLogger(__name__)
 
 
@@ -45,12 +47,15 @@ def _validate(trainer, module, datamodule) -> dict[str, float]:
 def build(cfg: DictConfig):
     """The (datamodule, module, trainer) triple a config describes; nothing is run."""
     datamodule = instantiate(cfg.data)
+    # _convert_=all: plain dicts/lists in the module's hyperparameters, so that checkpoints load under torch.load's
+    # weights_only default (OmegaConf containers are not allowed globals: ckpt_path= resumes failed on them)
     module = instantiate(cfg.stage.module, model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
-                         tokenizer=datamodule.tokenizer, _recursive_=False)
+                         tokenizer=datamodule.tokenizer, _recursive_=False, _convert_="all")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks.append(EpochEndResume())  # ckpt_path= at an epoch's end: the next epoch's data, not the one after
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer
 
