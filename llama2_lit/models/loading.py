@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerBase)
 
 from llama2_lit.errors import UserError
 
@@ -89,6 +91,47 @@ def llama_config(tokenizer: PreTrainedTokenizerBase, config: Mapping[str, Any]) 
     return LlamaConfig(**dims)
 
 
+def init_options(model_cfg: Mapping[str, Any]) -> tuple[bool, str, int]:
+    """``(on_meta, init, init_seed)`` of a model config.
+
+    ``model.init_device: meta`` builds the architecture without memory (a sharded run fills each rank's shard,
+    a consolidation loads a checkpoint into it); ``model.init``: ``default`` (the transformers constructor's
+    random init) or ``seeded`` (per-parameter generators, the same on any number of processes:
+    ``llama2_lit.models.init``), for random-init models; ``model.init_seed``: its seed (the run's ``seed``).
+    """
+    device = model_cfg.get("init_device")
+    if device not in (None, "cpu", "meta"):
+        raise UserError(f"model.init_device: unknown '{device}' (choose null or meta)")
+    init = model_cfg.get("init") or "default"
+    if init not in ("default", "seeded"):
+        raise UserError(f"model.init: unknown '{init}' (choose default or seeded)")
+    return device == "meta", init, int(model_cfg.get("init_seed") or 0)
+
+
+def pretrained_config(src: str, path: str, **overrides):
+    """The config of a checkpoint folder (no weights read)."""
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=False)
+    except OSError as e:
+        raise UserError(f"model.path: could not load a config from '{path}': {e}") from None
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return config
+
+
+def finish_model(model: torch.nn.Module, model_cfg: Mapping[str, Any], trainable: tuple[str, ...] = ()):
+    """The steps after building the architecture that every loader shares: LoRA (``model.lora``), then the
+    seeded init of a random-init model that was not built on the meta device."""
+    from llama2_lit.models.init import seeded_init_
+    from llama2_lit.models.lora import apply_lora
+
+    on_meta, init, seed = init_options(model_cfg)
+    model = apply_lora(model, model_cfg.get("lora"), trainable)
+    if init == "seeded" and not model_cfg.get("path") and not on_meta:
+        seeded_init_(model, seed)
+    return model
+
+
 def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
     """A ``LlamaForCausalLM`` (or any causal LM) as ``model_cfg`` says.
 
@@ -96,13 +139,19 @@ def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerB
     ``model_cfg.path`` null: random init from ``model_cfg.config`` (dimensions) sized to the tokenizer.
     ``attn_implementation: sdpa`` runs as ``sdpa_packed`` (``llama2_lit.models.packed_attention``): identical
     outputs, and packed rows cost the attention of their documents, not of whole rows.
+    ``init_device``, ``init``, ``init_seed``: see :func:`init_options`; ``lora``: ``llama2_lit.models.lora``.
     """
     dtype = torch_dtype(model_cfg.get("dtype", "float32"))
+    on_meta, _, _ = init_options(model_cfg)
     attn = model_cfg.get("attn_implementation", "sdpa")
     if attn == "sdpa":  # the same sdpa, but packed rows attend one document at a time (no dense block mask)
         from llama2_lit.models.packed_attention import NAME as attn
     path = model_cfg.get("path")
-    if path:
+    if path and on_meta:
+        cfg = pretrained_config(resolve_path(path), path, _attn_implementation=attn)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False).to(dtype)
+    elif path:
         src = resolve_path(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -115,7 +164,8 @@ def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerB
             raise UserError("model: set either model.path (a checkpoint) or model.config (dimensions for random init)")
         cfg = llama_config(tokenizer, model_cfg["config"])
         cfg._attn_implementation = attn
-        model = LlamaForCausalLM(cfg).to(dtype)
+        with torch.device("meta") if on_meta else nullcontext():
+            model = LlamaForCausalLM(cfg).to(dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -123,4 +173,4 @@ def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerB
     model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
     if model_cfg.get("gradient_checkpointing"):  # transformers 5 renamed it; 4.x only has the old name
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    return model
+    return finish_model(model, model_cfg)

@@ -12,6 +12,7 @@ folder loads back with ``AutoModelForSequenceClassification.from_pretrained`` an
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,7 +22,8 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Lla
 
 from data_modules.pairwise import encode_response, pad_right
 from llama2_lit.errors import UserError
-from llama2_lit.models.loading import llama_config, resolve_path, torch_dtype
+from llama2_lit.models.loading import (finish_model, init_options, llama_config, pretrained_config, resolve_path,
+                                       torch_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +35,21 @@ def load_reward_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokeniz
     ``model_cfg.path`` set: a causal LM checkpoint (its LM head is dropped, a new ``score`` head is
     initialised) or an exported reward model (its head is kept). ``model_cfg.path`` null: random init
     from ``model_cfg.config`` sized to the tokenizer. ``freeze_layers`` (default ``model_cfg.freeze_layers``,
-    else 0): see :func:`freeze_lower_layers`.
+    else 0): see :func:`freeze_lower_layers`. ``model_cfg.lora.enabled``: LoRA adapters on the transformer,
+    the scalar head stays fully trainable; ``init_device``/``init``: see ``loading.init_options``.
     """
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError("reward model: the tokenizer needs a pad token distinct from EOS "
                         "(the score is read at the last non-pad token)")
     dtype = torch_dtype(model_cfg.get("dtype", "float32"))
     attn = model_cfg.get("attn_implementation", "sdpa")
+    on_meta, _, _ = init_options(model_cfg)
     path = model_cfg.get("path")
-    if path:
+    if path and on_meta:
+        cfg = pretrained_config(resolve_path(path), path, num_labels=1, _attn_implementation=attn)
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(cfg, trust_remote_code=False).to(dtype)
+    elif path:
         src = resolve_path(path)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -55,7 +63,8 @@ def load_reward_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokeniz
         cfg = llama_config(tokenizer, model_cfg["config"])
         cfg.num_labels = 1
         cfg._attn_implementation = attn
-        model = LlamaForSequenceClassification(cfg).to(dtype)
+        with torch.device("meta") if on_meta else nullcontext():
+            model = LlamaForSequenceClassification(cfg).to(dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -66,7 +75,7 @@ def load_reward_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokeniz
         model.gradient_checkpointing_enable()
     n = model_cfg.get("freeze_layers", 0) if freeze_layers is None else freeze_layers
     freeze_lower_layers(model, int(n or 0))
-    return model
+    return finish_model(model, model_cfg, trainable=tuple(h for h in ("score", "classifier") if hasattr(model, h)))
 
 
 def freeze_lower_layers(model: torch.nn.Module, n: int) -> int:
