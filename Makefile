@@ -32,6 +32,7 @@ demo: install ## the whole recipe on model=tiny: SFT, then 3 RLHF iterations (co
 
 test: install ## the test suite (fast; no network; real-data tests skip without ../shared)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m fsdp $(PYTEST_ARGS)
 
 test-slow: install ## slow and real-checkpoint tests
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -28,7 +28,14 @@ class GoldEvalCallback(L.Callback):
         from llama2_lit.generation import generate
 
         dm = trainer.datamodule
-        if not getattr(dm, "oracle", False) or not trainer.is_global_zero:
+        if not getattr(dm, "oracle", False):
+            return
+        if any(type(p).__name__ == "DTensor" for p in pl_module.model.parameters()):
+            # a sharded model's forward is a collective: rank 0 alone would wait for the others forever
+            if trainer.is_global_zero:
+                log.warning("gold eval skipped: the model is sharded (trainer=fsdp); score the exported hf/ instead")
+            return
+        if not trainer.is_global_zero:
             return
         prompts = dm.eval_prompts()
         outs = generate(pl_module.model, pl_module.tokenizer, prompts, max_new_tokens=self.max_new_tokens,

@@ -10,16 +10,21 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                   reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy averaged over the positions whose label is not ``ignore_index``.
 
     logits: (B, T, V) predictions for every position.
     labels: (B, T) token ids in Hugging Face convention: ``labels[:, t]`` is the token at position
         ``t`` and is predicted from ``logits[:, t - 1]``; ``ignore_index`` marks tokens without loss
         (prompt tokens, padding, the first token of every packed example).
+    reduction: ``mean`` (per labelled position) or ``sum`` (for a caller that divides by the labelled
+        positions of a larger batch, e.g. across data-parallel ranks).
     Returns a scalar. Raises if no position carries a label (an all-prompt batch would otherwise
     give NaN and poison the optimizer state).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"masked_lm_loss: reduction must be mean or sum, got {reduction!r}")
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
         raise ValueError(f"masked_lm_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
     shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
@@ -33,7 +38,7 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         ignore_index=ignore_index,
         reduction="sum",
     )
-    return total / n
+    return total if reduction == "sum" else total / n
 
 
 def ranking_loss(

@@ -208,6 +208,10 @@ def plan_from_cfg(cfg) -> tuple[Plan, int | None, str]:
     per_node = int(pc.get("gpus_per_node") or (devices if isinstance(devices, int) and devices > 0 else 8))
     gpus = int(pc.get("gpus") or per_node * int(cfg.trainer.get("num_nodes", 1) or 1))
     precision = str(cfg.trainer.get("precision", "bf16-mixed"))
+    strategy = cfg.trainer.get("strategy")
+    mixed = strategy.get("mixed_precision") if hasattr(strategy, "get") else None
+    if precision in ("32-true", "32") and (mixed == "bf16" or (mixed == "auto" and cfg.trainer.get("accelerator") == "gpu")):
+        precision = "bf16-mixed"  # trainer=fsdp: FSDP2's bf16 policy (fp32 shards, gradients, moments; bf16 compute)
     kwargs = dict(gpu_memory_gib=float(pc.get("gpu_memory_gib", 80)), precision=precision, micro_batch=micro,
                   seq_len=seq_len, checkpointing=bool(model_cfg.get("gradient_checkpointing", False)),
                   generation=gen, offload=bool(pc.get("offload", False)), gpus_per_node=per_node)

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.resume import EpochEndResume
@@ -45,18 +46,26 @@ def _validate(trainer, module, datamodule) -> dict[str, float]:
 
 
 def build(cfg: DictConfig):
-    """The (datamodule, module, trainer) triple a config describes; nothing is run."""
+    """The (datamodule, module, trainer) triple a config describes; nothing is run.
+
+    Under a sharding strategy (``trainer=fsdp``) a random-init model is built on the meta device with the
+    seeded init (``model.init=seeded``), so that each rank allocates and fills only its shard.
+    """
     datamodule = instantiate(cfg.data)
-    # _convert_=all: plain dicts/lists in the module's hyperparameters, so that checkpoints load under torch.load's
-    # weights_only default (OmegaConf containers are not allowed globals: ckpt_path= resumes failed on them)
-    module = instantiate(cfg.stage.module, model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
-                         tokenizer=datamodule.tokenizer, _recursive_=False, _convert_="all")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(EpochEndResume())  # ckpt_path= at an epoch's end: the next epoch's data, not the one after
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.setdefault("init_seed", cfg.seed)
+    if isinstance(trainer.strategy, ModelParallelStrategy) and not model_cfg.get("path"):
+        model_cfg.update(init_device="meta", init="seeded")
+    # _convert_=all: plain dicts/lists in the module's hyperparameters, so that checkpoints load under torch.load's
+    # weights_only default (OmegaConf containers are not allowed globals: ckpt_path= resumes failed on them)
+    module = instantiate(cfg.stage.module, model_cfg=model_cfg, tokenizer=datamodule.tokenizer, _recursive_=False,
+                         _convert_="all")
     return datamodule, module, trainer
 
 
@@ -72,6 +81,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         from hydra.utils import get_method
 
         return get_method(cfg.stage.runner)(cfg)
+    from llama2_lit.models.sharding import check_stage_shards
+
+    check_stage_shards(cfg)  # trainer=fsdp with a stage that cannot shard: stop before any work
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.stage.get("prepare"):  # e.g. stage=ppo: train the SFT policy / reward models it needs when none is given
@@ -96,6 +108,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics["trainer/steps"] = float(trainer.global_step)
     perf = {k: v for k, v in metrics.items() if k.startswith("perf/")}
     metrics = {k: metrics[k] for k in sorted(metrics) if not k.startswith("perf/") and not k.endswith("_step")}
+    if isinstance(trainer.strategy, ModelParallelStrategy):  # every rank joins the gather; rank 0 exports
+        from llama2_lit.models.sharding import gather_full_
+
+        gather_full_(module, keep=trainer.is_global_zero)
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (out / "perf.json").write_text(json.dumps(perf, indent=2, sort_keys=True) + "\n")

@@ -14,7 +14,9 @@ from callbacks.rating_buckets import RatingBucketAccuracy, RatingBucketCallback
 from data_modules.pairwise import concat_pairs
 from llama2_lit.errors import UserError
 from llama2_lit.losses import ranking_loss
+from llama2_lit.models.lora import merge_lora
 from llama2_lit.models.reward import export_reward_model, load_reward_model, rewards, score
+from llama2_lit.models.sharding import configure_sharded
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class RewardModule(L.LightningModule):
         model_cfg: the ``model`` config node: a causal LM checkpoint (``path``; its LM head becomes a scalar
             head) or random-init dimensions.
         tokenizer: the tokenizer the pairs were built with (pad distinct from EOS; saved in ``hf/``).
+            ``model_cfg.lora.enabled``: LoRA adapters on the transformer, the scalar head fully trained.
         lr, weight_decay, betas, eps: AdamW (paper: 1e-5 (5e-6 for 70B), 0.1, (0.9, 0.95), 1e-5).
         warmup_ratio / warmup_steps: warm-up over ``max(warmup_steps, ceil(warmup_ratio * total))`` steps
             (paper: 3%, at least 5); min_lr_ratio: the cosine floor (paper: 10% of peak).
@@ -91,6 +94,10 @@ class RewardModule(L.LightningModule):
         self.bucket_metric.update(chosen, rejected, batch["rating"])
 
     # -- wiring ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """``trainer=fsdp``: shard the reward model (see ``llama2_lit.models.sharding``)."""
+        configure_sharded(self, self.model, seed=self.hparams.model_cfg.get("init_seed"))
+
     def configure_callbacks(self):
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and any(isinstance(c, RatingBucketCallback) for c in trainer.callbacks):
@@ -128,7 +135,10 @@ class RewardModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export(self, path: str | Path) -> Path:
-        """Save ``hf/``: a ``LlamaForSequenceClassification`` (num_labels 1, pad token id set) + tokenizer."""
+        """Save ``hf/``: a ``LlamaForSequenceClassification`` (num_labels 1, pad token id set) + tokenizer.
+
+        LoRA adapters are merged into the weights first (the result loads without peft)."""
+        self.model = merge_lora(self.model)
         meta = {k: v for k, v in (("reward", self.hparams.reward_name), ("margin", self.hparams.margin)) if v}
         return export_reward_model(self.model, self.tokenizer, path, metadata=meta)
 

@@ -8,8 +8,9 @@ import lightning as L
 import torch
 
 from llama2_lit.errors import UserError
-from llama2_lit.losses import IGNORE_INDEX, masked_lm_loss
-from llama2_lit.modules.sft import SFTModule
+from llama2_lit.models.lora import merge_lora
+from llama2_lit.models.sharding import configure_sharded
+from llama2_lit.modules.sft import SFTModule, token_loss
 from llama2_lit.rs import tokenizer_fingerprint
 
 
@@ -60,12 +61,11 @@ class RSDistillModule(L.LightningModule):
                 f"distil into a student that shares the sampling model's tokenizer")
         self.selection = str(dm.file)
 
+    def configure_model(self) -> None:
+        configure_sharded(self, self.model, seed=self.hparams.model_cfg.get("init_seed"))
+
     def _step(self, batch, stage: str) -> torch.Tensor:
-        loss = masked_lm_loss(self(batch), batch["labels"])
-        n_label = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
-                 batch_size=int(n_label), sync_dist=stage != "train")
-        return loss
+        return token_loss(self, self(batch), batch["labels"], stage)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -79,6 +79,7 @@ class RSDistillModule(L.LightningModule):
     def export(self, path: str | Path) -> Path:
         """``hf/``: the fine-tuned causal LM and its tokenizer, with the selection it learnt from in config.json."""
         path = Path(path)
+        self.sft.model = merge_lora(self.sft.model)
         self.model.config.llama2_lit = {"stage": "rs_distill", "selection": self.selection}
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)

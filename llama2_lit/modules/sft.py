@@ -1,6 +1,7 @@
 """SFTModule: masked next-token training of a causal LM (SFT, and pretraining with every token labelled)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
@@ -8,7 +9,32 @@ import torch
 
 from llama2_lit.losses import IGNORE_INDEX, masked_lm_loss
 from llama2_lit.models.loading import load_causal_lm
+from llama2_lit.models.lora import merge_lora
+from llama2_lit.models.sharding import configure_sharded
 from llama2_lit.modules.optim import adamw_cosine
+
+
+def token_loss(module: L.LightningModule, logits: torch.Tensor, labels: torch.Tensor, stage: str) -> torch.Tensor:
+    """Loss per labelled token of the global batch; logs ``<stage>/loss``.
+
+    With N data-parallel ranks a training micro-batch's loss is its summed token loss divided by the labelled
+    tokens of all N micro-batches (times N, which the gradient average divides out again): the gradient is
+    then the one of a single process over the whole batch, whatever the ranks' token counts. The logged value
+    is the global batch's mean. One process: the plain mean, as ``masked_lm_loss``.
+    """
+    total = masked_lm_loss(logits, labels, reduction="sum")
+    n = (labels[:, 1:] != IGNORE_INDEX).sum()
+    trainer = getattr(module, "_trainer", None)
+    world = trainer.world_size if trainer is not None else 1
+    if stage == "train" and world > 1:
+        n_all = trainer.strategy.reduce(n.detach().float().clone(), reduce_op="sum")
+        loss = total * world / n_all
+        shown = trainer.strategy.reduce(total.detach().clone(), reduce_op="sum") / n_all
+    else:
+        loss = shown = total / n
+    module.log(f"{stage}/loss", shown, prog_bar=True, on_step=stage == "train", on_epoch=True,
+               batch_size=int(n), sync_dist=stage != "train")
+    return loss
 
 
 class SFTModule(L.LightningModule):
@@ -19,6 +45,9 @@ class SFTModule(L.LightningModule):
         tokenizer: the tokenizer the data was built with (saved next to the model in ``hf/``).
         lr, weight_decay, betas, eps: AdamW settings (paper SFT: lr 2e-5, weight decay 0.1).
         warmup_steps / warmup_ratio: linear warm-up (the larger of the two); min_lr_ratio: cosine floor.
+
+    ``trainer=fsdp`` shards the model in :meth:`configure_model`; ``model.lora.enabled`` trains LoRA adapters
+    only, merged into the base weights by :meth:`export`.
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], tokenizer=None, lr: float = 2e-5, weight_decay: float = 0.1,
@@ -33,13 +62,11 @@ class SFTModule(L.LightningModule):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         return self.model(**inputs, use_cache=False).logits  # (B, T, V)
 
+    def configure_model(self) -> None:
+        configure_sharded(self, self.model, seed=self.hparams.model_cfg.get("init_seed"))
+
     def _step(self, batch, stage: str) -> torch.Tensor:
-        logits = self(batch)
-        loss = masked_lm_loss(logits, batch["labels"])
-        n_label = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
-                 batch_size=int(n_label), sync_dist=stage != "train")
-        return loss
+        return token_loss(self, self(batch), batch["labels"], stage)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -52,3 +79,11 @@ class SFTModule(L.LightningModule):
         return adamw_cosine(self.model, self.trainer.estimated_stepping_batches, lr=hp.lr,
                             weight_decay=hp.weight_decay, betas=hp.betas, eps=hp.eps, warmup_steps=hp.warmup_steps,
                             warmup_ratio=hp.warmup_ratio, min_lr_ratio=hp.min_lr_ratio)
+
+    def export(self, path: str | Path) -> Path:
+        """``hf/``: the causal LM (LoRA adapters merged into its weights) and the tokenizer."""
+        path = Path(path)
+        self.model = merge_lora(self.model)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path

@@ -1,0 +1,307 @@
+"""FSDP2 sharding of the training stages (``trainer=fsdp``), and consolidating sharded checkpoints.
+
+``trainer=fsdp`` runs Lightning's ``ModelParallelStrategy`` as :class:`FSDP2Strategy`: data-parallel size =
+world size, no tensor parallelism. A stage module's ``configure_model`` calls :func:`configure_sharded`,
+which applies ``fully_shard`` to every decoder layer and then to the root (:func:`shard_model`): each rank
+keeps 1/N of every parameter, gradient and optimizer moment; a layer's parameters are all-gathered for its
+forward and backward only. Mixed precision is FSDP2's ``MixedPrecisionPolicy`` (bf16 compute and all-gathers,
+fp32 sharded master weights and gradient reduction) on GPU, fp32 on CPU; ``model.gradient_checkpointing``
+recomputes each decoder layer in backward; ``strategy.cpu_offload`` keeps the shards in host memory.
+
+Building: a random-init model is built on the meta device and each rank fills only its shard
+(``model.init=seeded``, ``llama2_lit.models.init``); a pretrained ``model.path`` is read whole by every
+rank (``from_pretrained`` on CPU) and then sharded, so each rank's host memory must hold one full copy
+while the model is built (sharded reading of the safetensors files is not done).
+
+Checkpoints: Lightning saves a distributed checkpoint directory (``checkpoints/last.ckpt/``: one file of
+shards per rank and ``meta.pt``); ``ckpt_path=<that dir>`` resumes from it. ``hf/`` is written at the end
+of a run by gathering the full weights on rank 0. A checkpoint directory becomes an HF folder with
+
+    python -m llama2_lit.models.sharding consolidate <run>/checkpoints/last.ckpt <out dir> [overrides]
+
+(the run's ``.hydra/config.yaml`` rebuilds the module; with overrides, ``conf/`` is composed with them instead).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from llama2_lit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# -- sharding a model ------------------------------------------------------------------------------------------
+def mixed_precision_policy(name: str | None, device_type: str):
+    """FSDP2's policy for ``name``: ``bf16`` (bf16 compute and all-gathers, fp32 gradient reduction), ``fp32``,
+    or ``auto`` (bf16 on GPU, fp32 on CPU)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    name = str(name or "auto")
+    if name == "auto":
+        name = "bf16" if device_type == "cuda" else "fp32"
+    if name in ("bf16", "bfloat16"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if name in ("fp32", "float32", "32"):
+        return MixedPrecisionPolicy()
+    raise UserError(f"trainer.strategy.mixed_precision: unknown '{name}' (choose auto, bf16, fp32)")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (its ``_no_split_modules`` classes: ``LlamaDecoderLayer`` for Llama)."""
+    kinds = set(getattr(_base(model), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not layers:
+        raise UserError(f"trainer=fsdp: no decoder layers ({', '.join(sorted(kinds)) or 'no _no_split_modules'}) "
+                        f"found in {type(model).__name__}")
+    return layers
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: bool = True,
+                cpu_offload: bool = False, activation_checkpointing: bool = False) -> nn.Module:
+    """Apply FSDP2 ``fully_shard`` to each decoder layer, then to ``model`` (the embeddings, final norm, head).
+
+    mesh: a 1-D device mesh of the data-parallel ranks. mp_policy: a ``MixedPrecisionPolicy`` (default fp32).
+    reshard_after_forward: free each layer's gathered parameters after its forward (ZeRO-3; gathered again in
+    backward) rather than keeping them to backward (ZeRO-2: faster, more memory); the last layer always
+    keeps them, as backward needs them at once. cpu_offload: shards, gradients and the optimizer step on CPU.
+    activation_checkpointing: recompute each decoder layer in backward (transformers' per-layer checkpointing,
+    non-reentrant, which runs inside each layer's FSDP hooks). Works on meta-device models too.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if activation_checkpointing:
+        _base(model).activation_checkpointing_enable({"use_reentrant": False})
+    kw = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(),
+              offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kw)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    return model
+
+
+def local_numel(model: nn.Module) -> int:
+    """Parameters this rank holds (its shards; the whole model when unsharded)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` with data-parallel size = world size (pure FSDP2, no tensor parallelism).
+
+    Args:
+        mixed_precision: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``: see :func:`mixed_precision_policy`.
+            Keep ``trainer.precision: 32-true``: the policy, not autocast, sets the compute dtype.
+        reshard_after_forward, cpu_offload: see :func:`shard_model`.
+        save_distributed_checkpoint: checkpoints as a directory of per-rank shards (True) or one full file
+            gathered on rank 0 (False).
+    """
+
+    def __init__(self, mixed_precision: str = "auto", reshard_after_forward: bool = True, cpu_offload: bool = False,
+                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 timeout_minutes: float = 30.0):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timedelta(minutes=timeout_minutes))
+        self.mixed_precision, self.reshard_after_forward, self.cpu_offload = mixed_precision, reshard_after_forward, cpu_offload
+
+    def _configure_launcher(self) -> None:  # runs when the Trainer is built: devices and nodes are known
+        world = self.num_processes * self.num_nodes
+        if world < 2:
+            raise UserError(
+                f"trainer=fsdp shards the model over data-parallel processes, but this run has {world} "
+                f"(trainer.devices={self.num_processes}, trainer.num_nodes={self.num_nodes}): set trainer.devices "
+                "to 2 or more (on CPU: trainer.devices=2 trainer.accelerator=cpu), or train on one device with "
+                "trainer=gpu / trainer=cpu")
+        super()._configure_launcher()
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def setup(self, trainer) -> None:
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        if not is_overridden("configure_model", self.lightning_module):
+            raise UserError(f"trainer=fsdp: {type(self.lightning_module).__name__} does not shard its models yet "
+                            "(no configure_model): train this stage with trainer=gpu or trainer=cpu")
+        super().setup(trainer)
+
+
+def check_stage_shards(cfg) -> None:
+    """Stop before any work when the trainer shards (``trainer=fsdp``) but the stage's module cannot."""
+    from hydra.utils import get_class
+    from lightning.pytorch import LightningModule
+
+    strategy = cfg.trainer.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, Mapping) else str(strategy or "")
+    if not target.endswith(("FSDP2Strategy", "ModelParallelStrategy")):
+        return
+    cls = get_class(cfg.stage.module._target_)
+    if cls.configure_model is LightningModule.configure_model:
+        raise UserError(f"trainer=fsdp: stage={cfg.stage.name} ({cls.__name__}) does not shard its models yet (no "
+                        "configure_model): train this stage with trainer=gpu or trainer=cpu")
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    base = _base(model)  # transformers 5 renamed is_gradient_checkpointing (now deprecated)
+    if hasattr(base, "is_activation_checkpointing"):
+        return bool(base.is_activation_checkpointing)
+    return bool(getattr(base, "is_gradient_checkpointing", False))
+
+
+def configure_sharded(module, model: nn.Module, seed: int | None = None) -> nn.Module:
+    """The body of a stage module's ``configure_model``: shard ``model`` when the trainer runs FSDP2.
+
+    A model built on the meta device is then materialised: sharded on the strategy's device (each rank fills
+    its shard by the seeded init), or whole on CPU when the run is not sharded. Idempotent (Lightning calls
+    ``configure_model`` again for ``validate``). ``seed``: ``model.init_seed``.
+    """
+    from llama2_lit.models.init import has_meta, materialize_
+
+    trainer = getattr(module, "_trainer", None)
+    strategy = getattr(trainer, "strategy", None)
+    if not isinstance(strategy, ModelParallelStrategy):
+        if has_meta(model):
+            materialize_(model, "cpu", seed=seed or 0)
+        return model
+    if is_sharded(model):
+        return model
+    device = strategy.root_device
+    offload = bool(getattr(strategy, "cpu_offload", False))
+    if offload and device.type == "cpu":
+        log.info("trainer.strategy.cpu_offload ignored: the run is on CPU already")
+        offload = False
+    mesh = module.device_mesh["data_parallel"]
+    shard_model(model, mesh, mp_policy=mixed_precision_policy(getattr(strategy, "mixed_precision", "auto"), device.type),
+                reshard_after_forward=bool(getattr(strategy, "reshard_after_forward", True)), cpu_offload=offload,
+                activation_checkpointing=_checkpointing(model))
+    if has_meta(model):
+        materialize_(model, "cpu" if offload else device, seed=seed or 0)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("rank %d of %d holds %d of %d parameters (%.1f%%)", mesh.get_local_rank(), mesh.size(),
+             local_numel(model), total, 100 * local_numel(model) / max(1, total))
+    return model
+
+
+# -- whole weights from shards -----------------------------------------------------------------------------
+def gather_full_(model: nn.Module, keep: bool) -> nn.Module:
+    """Replace every sharded parameter of ``model`` by its full value, one parameter at a time (a collective:
+    every rank calls it). ``keep``: whether this rank keeps the full values (rank 0, which exports); the
+    others drop them. The model stops being trainable through FSDP; its ``state_dict`` is plain tensors.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for mod in model.modules():  # a layer left gathered (e.g. after an evaluation forward) holds views of freed buffers
+        if isinstance(mod, FSDPModule):
+            mod.reshard()
+    full: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for key, p in list(mod._parameters.items()):
+            if not isinstance(p, DTensor):
+                continue
+            if id(p) not in full:
+                value = p.full_tensor().detach().cpu() if keep else p.full_tensor().new_empty(0).cpu()
+                full[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
+            mod._parameters[key] = full[id(p)]
+    return model
+
+
+# -- consolidation ---------------------------------------------------------------------------------------------
+def _run_config(ckpt: Path, overrides: list[str]):
+    from omegaconf import OmegaConf
+
+    from llama2_lit.config import compose  # also registers ${project_root:}, which saved configs use
+
+    if overrides:
+        return compose(overrides)
+    for parent in ckpt.resolve().parents:
+        saved = parent / ".hydra" / "config.yaml"
+        if saved.exists():
+            log.info("run config: %s", saved)
+            return OmegaConf.load(saved)
+    raise UserError(f"{ckpt}: no .hydra/config.yaml above it; pass the run's overrides (e.g. stage=sft model=tiny)")
+
+
+def consolidate(ckpt: str | Path, out: str | Path, overrides: list[str] | None = None) -> Path:
+    """Write the model of a distributed checkpoint directory as a ``from_pretrained``-ready folder ``out``.
+
+    The stage module is rebuilt from the run's config on the meta device, allocated on CPU (one full copy:
+    this needs the model's size in host memory, on one machine), filled from the shards, and exported as a
+    run would (``module.export`` or ``save_pretrained``; LoRA adapters merged). Runs in one process.
+    """
+    import torch.distributed.checkpoint as dcp
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from llama2_lit.models.init import materialize_
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not (ckpt.is_dir() and (ckpt / ".metadata").exists()):
+        raise UserError(f"{ckpt}: not a distributed checkpoint directory (no .metadata): a single-file checkpoint "
+                        "loads with torch.load")
+    cfg = _run_config(ckpt, list(overrides or []))
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg["init_device"] = "meta"
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.stage.module, model_cfg=model_cfg, tokenizer=datamodule.tokenizer, _recursive_=False,
+                         _convert_="all")
+    materialize_(module.model, "cpu")
+    state = {"state_dict": module.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    if hasattr(module, "export"):
+        module.export(out)
+    else:
+        module.model.save_pretrained(out)
+        module.tokenizer.save_pretrained(out)
+    log.info("wrote %s from %s", out, ckpt)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m llama2_lit.models.sharding",
+                                 description="consolidate a distributed (sharded) checkpoint into an HF folder")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("consolidate", help="<ckpt dir> <out dir> [hydra overrides of the run]")
+    c.add_argument("ckpt")
+    c.add_argument("out")
+    c.add_argument("overrides", nargs="*", help="compose conf/ with these instead of the run's .hydra/config.yaml")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        consolidate(args.ckpt, args.out, args.overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__: list[Any] = ["FSDP2Strategy", "configure_sharded", "consolidate", "decoder_layers", "gather_full_",
+                      "local_numel", "mixed_precision_policy", "shard_model"]
+
+if __name__ == "__main__":
+    sys.exit(main())
