@@ -198,10 +198,12 @@ def plan_from_cfg(cfg) -> tuple[Plan, int | None, str]:
     elif stage == "ppo":
         trainable = {"policy": s, "value": _rm_shape(s)}
         frozen = {"reference": s, "helpfulness RM": _rm_shape(s), "safety RM": _rm_shape(s)}
-        gen = {"policy": "policy", "batch": int(pc.get("generation_batch", micro)), "length": seq_len}
+        ppo = cfg.get("ppo") or {}
+        micro = int(ppo.get("micro_batch_size") or ppo.get("mini_batch_size") or micro)  # rows per forward/backward
+        gen = {"policy": "policy", "batch": int(pc.get("generation_batch") or micro), "length": seq_len}
     elif stage == "rs":
         trainable, frozen = {}, {"policy": s, "helpfulness RM": _rm_shape(s), "safety RM": _rm_shape(s)}
-        gen = {"policy": "policy", "batch": int(pc.get("generation_batch", micro)), "length": seq_len}
+        gen = {"policy": "policy", "batch": int(pc.get("generation_batch") or micro), "length": seq_len}
     else:
         trainable, frozen = {"policy": s}, {}
     devices = cfg.trainer.get("devices", 1)

@@ -71,3 +71,17 @@ def test_plan_true_prints_the_plan_and_trains_nothing(make_cfg, tmp_path, capsys
     assert "policy 6,738,415,616 parameters" in text and "smallest GPU count that fits" in text
     assert m["plan/fits"] == 1.0 and m["plan/gpus_needed"] <= 8
     assert not (tmp_path / "run").exists()
+
+
+def test_paper_70b_plans_through_the_fsdp_preset(make_cfg):
+    """`python -m llama2_lit stage=<s> model=llama2_70b trainer=fsdp_70b plan=true`: one sequence (or pair) per GPU
+    forward, five 70B-class models for PPO; SFT and RM fit the preset's 32 GPUs, PPO needs more."""
+    from llama2_lit.plan import plan_from_cfg
+
+    got = {}
+    for stage in ("sft", "rm", "ppo"):
+        plan, need, text = plan_from_cfg(make_cfg(f"stage={stage}", "model=llama2_70b", "trainer=fsdp_70b",
+                                                  small=False))
+        got[stage] = (plan.fits, need)
+        assert "micro-batch 1 x 4096" in text or "micro-batch 2 x 4096" in text
+    assert got["sft"] == (True, 16) and got["rm"] == (True, 24) and got["ppo"] == (False, 48)
