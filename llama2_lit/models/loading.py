@@ -19,6 +19,16 @@ from llama2_lit.errors import UserError
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def pickled_only(src: str) -> str:
+    """A sentence for a folder that holds pickled weights but no safetensors ('' otherwise)."""
+    p = Path(str(src))
+    if p.is_dir() and not any(p.glob("*.safetensors")) and any(p.glob("pytorch_model*.bin")):
+        return (f" {p} holds only pickled weights (pytorch_model*.bin), which are refused because unpickling can run "
+                "code. If you trust their source, convert them once: AutoModelForCausalLM.from_pretrained(path, "
+                "use_safetensors=False).save_pretrained(path) writes model.safetensors.")
+    return ""
+
+
 def resolve_path(path: str, what: str = "model.path") -> str:
     """Return a local folder or a hub id; a local-looking path that does not exist is a user error."""
     p = Path(os.path.expanduser(str(path)))
@@ -158,7 +168,7 @@ def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerB
                 src, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False
             )
         except OSError as e:
-            raise UserError(f"model.path: could not load a causal LM from '{path}': {e}") from None
+            raise UserError(f"model.path: could not load a causal LM from '{path}': {e}{pickled_only(src)}") from None
     else:
         if not model_cfg.get("config"):
             raise UserError("model: set either model.path (a checkpoint) or model.config (dimensions for random init)")

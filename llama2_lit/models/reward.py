@@ -22,8 +22,8 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Lla
 
 from data_modules.pairwise import encode_response, pad_right
 from llama2_lit.errors import UserError
-from llama2_lit.models.loading import (finish_model, init_options, llama_config, pretrained_config, resolve_path,
-                                       torch_dtype)
+from llama2_lit.models.loading import (finish_model, init_options, llama_config, pickled_only, pretrained_config,
+                                       resolve_path, torch_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def load_reward_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokeniz
                 src, num_labels=1, dtype=dtype, attn_implementation=attn, use_safetensors=True,
                 trust_remote_code=False)
         except OSError as e:
-            raise UserError(f"model.path: could not load a model from '{path}': {e}") from None
+            raise UserError(f"model.path: could not load a model from '{path}': {e}{pickled_only(src)}") from None
     else:
         if not model_cfg.get("config"):
             raise UserError("model: set either model.path (a checkpoint) or model.config (dimensions for random init)")
@@ -161,7 +161,7 @@ def load_exported(path: str | Path, dtype: str = "float32", device: str | torch.
         model = AutoModelForSequenceClassification.from_pretrained(src, dtype=torch_dtype(dtype),
                                                                    use_safetensors=True, trust_remote_code=False)
     except OSError as e:
-        raise UserError(f"could not load a reward model from '{path}': {e}") from None
+        raise UserError(f"could not load a reward model from '{path}': {e}{pickled_only(src)}") from None
     if model.config.num_labels != 1:
         raise UserError(f"{path}: not a scalar reward model (num_labels={model.config.num_labels})")
     if model.config.pad_token_id is None or model.config.pad_token_id != tok.pad_token_id:
