@@ -24,8 +24,8 @@ def pickled_only(src: str) -> str:
     p = Path(str(src))
     if p.is_dir() and not any(p.glob("*.safetensors")) and any(p.glob("pytorch_model*.bin")):
         return (f" {p} holds only pickled weights (pytorch_model*.bin), which are refused because unpickling can run "
-                "code. If you trust their source, convert them once: AutoModelForCausalLM.from_pretrained(path, "
-                "use_safetensors=False).save_pretrained(path) writes model.safetensors.")
+                "code. If you trust their source, convert them once: load the folder with transformers and "
+                "use_safetensors=False, then save_pretrained to it, which writes model.safetensors.")
     return ""
 
 
