@@ -199,12 +199,8 @@ class RSSelectionDataModule(L.LightningDataModule):
 
     def __init__(self, tokenizer, path: str, seq_len: int = 512, batch_size: int = 8, packing: str = "isolated",
                  overlong: str = "truncate", val_fraction: float = 0.05, seed: int = 0,
-                 synthetic: dict[str, Any] | None = None, num_workers: int = 0, num_batches: int | None = None,
-                 val_path: str | None = None, val_batch_size: int | None = None):
+                 synthetic: dict[str, Any] | None = None, num_workers: int = 0):
         super().__init__()
-        self.num_batches = int(num_batches) if num_batches else None
-        self.val_path = str(val_path) if val_path else None
-        self.val_batch_size = int(val_batch_size or batch_size)
         self.file = selection_file(path)
         self.tokenizer = tokenizer
         self.seed = seed

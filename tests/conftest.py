@@ -20,6 +20,18 @@ def shared_data(rel: str) -> Path:
     return p
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per process
+    make small ops 10-100x slower (OpenMP waits): modules that use this run single-threaded."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("cache"))

@@ -6,7 +6,6 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from data_modules.annotations import (FIELDS, PAIR_FIELDS, AnnotationErrors, ingest, main, new_row, pair_id,
                                       prompt_id, read_annotations, simulate_row, to_pairs)
@@ -16,13 +15,7 @@ from llama2_lit.errors import UserError
 from tests.conftest import ROOT, SMALL
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-threaded on the shared 2-core machine (see tests/test_rs.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: single-threaded tiny models
 
 
 def _jsonl(path):

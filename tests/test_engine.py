@@ -6,14 +6,7 @@ from llama2_lit.engine import Engine, Sampling, encode_prompts, generate, left_p
 from llama2_lit.errors import UserError
 from llama2_lit.models.loading import load_causal_lm
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per process
-    make small ops 10-100x slower (OpenMP waits): these tests run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: single-threaded tiny models
 
 
 PROMPTS = ["Reverse the word: lemon", "What is 23 + 7?", "Sort the digits: 5 2 9 1",

@@ -13,14 +13,7 @@ from llama2_lit.rewards import safety_gated_reward
 from llama2_lit.rs import (BAG_COLUMNS, Bag, best_of_n_curves, reward_table, select_best, selection_iterations,
                            tokenizer_fingerprint)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per process
-    make small ops 10-100x slower (OpenMP waits): these tests run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: single-threaded tiny models
 
 
 # ----------------------------------------------------------------------------------------- pure parts
