@@ -85,3 +85,18 @@ def test_paper_70b_plans_through_the_fsdp_preset(make_cfg):
         got[stage] = (plan.fits, need)
         assert "micro-batch 1 x 4096" in text or "micro-batch 2 x 4096" in text
     assert got["sft"] == (True, 16) and got["rm"] == (True, 24) and got["ppo"] == (False, 48)
+
+
+def test_a_sharded_gpu_run_the_plan_says_does_not_fit_is_refused_unless_forced(make_cfg):
+    """stage=ppo on 70B over the preset's 32 GPUs needs 48: refused before any model is built, naming the count;
+    planner.force=true launches anyway; 64 GPUs fit; CPU runs are never planned."""
+    from llama2_lit.errors import UserError
+    from llama2_lit.models.sharding import check_plan_fits
+
+    cfg = make_cfg("stage=ppo", "model=llama2_70b", "trainer=fsdp_70b", small=False)
+    with pytest.raises(UserError, match=r"does not fit: peak 95\.44 GiB per GPU on 32 GPUs of 80 GiB \(48 GPUs is the"):
+        check_plan_fits(cfg)
+    check_plan_fits(make_cfg("stage=ppo", "model=llama2_70b", "trainer=fsdp_70b", "planner.force=true", small=False))
+    check_plan_fits(make_cfg("stage=ppo", "model=llama2_70b", "trainer=fsdp_70b", "trainer.num_nodes=8", small=False))
+    check_plan_fits(make_cfg("stage=ppo", "model=llama2_70b", "trainer=fsdp_70b", "trainer.accelerator=cpu",
+                             small=False))

@@ -160,6 +160,28 @@ def check_stage_shards(cfg) -> None:
     if cls.configure_model is LightningModule.configure_model:
         raise UserError(f"trainer=fsdp: stage={cfg.stage.name} ({cls.__name__}) does not shard its models yet (no "
                         "configure_model): train this stage with trainer=gpu or trainer=cpu")
+    check_plan_fits(cfg)
+
+
+def check_plan_fits(cfg) -> None:
+    """Refuse a sharded GPU run that the memory planner says will not fit (``planner.force=true`` overrides).
+
+    CPU runs (the 2-process gloo test) and models without ``config`` dimensions are not planned."""
+    if str(cfg.trainer.get("accelerator", "auto")) not in ("gpu", "cuda"):
+        return
+    pc = cfg.get("planner") or {}
+    if pc.get("force", False) or not cfg.model.get("config"):
+        return
+    from llama2_lit.plan import plan_from_cfg
+
+    plan, need, text = plan_from_cfg(cfg)
+    if plan.fits:
+        return
+    advice = f"{need} GPUs is the smallest count that fits" if need else "no GPU count up to 4096 fits"
+    raise UserError(f"the memory plan says this run does not fit: peak {plan.peak / 2**30:.2f} GiB per GPU on "
+                    f"{plan.gpus} GPUs of {plan.gpu_memory_gib:.0f} GiB ({advice}). Raise trainer.num_nodes / "
+                    f"trainer.devices, turn on model.gradient_checkpointing or planner.offload, lower the micro-batch, "
+                    f"or set planner.force=true to launch anyway.\n{text}")
 
 
 def _checkpointing(model: nn.Module) -> bool:
