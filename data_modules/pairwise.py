@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_modules.preferences import MARGIN_PRESETS, REWARDS, PreferencePair, mix_for_reward, read_pairs
+from data_modules.resumable import ResumableDataLoader
 from llama2_lit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of similar length: shuffle, cut into mega-batches of ``batch_size * mega_batch`` items,
     sort each by length (longest first), cut into batches, shuffle the batch order and put the batch
     with the longest item first (an out-of-memory shows at step 0). ``shuffle=False`` sorts the whole
-    set by length. A new order every ``__iter__`` (epoch), deterministic in ``seed``.
+    set by length. A new order every ``__iter__`` (epoch), deterministic in ``seed``: the pass uses ``self.epoch``,
+    read when its first batch is drawn, then counts it up; Lightning sets the epoch before every pass (through
+    ``self.sampler.set_epoch``, where it looks for a batch sampler's sampler), so a resumed run deals epoch ``e``
+    the batches an uninterrupted one did (see ``data_modules/resumable.py``).
 
     Distributed runs: pass ``num_replicas``/``rank``; every rank gets ``len(self)`` batches (the tail
     batches that do not divide evenly are dropped) and Lightning's ``use_distributed_sampler`` must be off.
@@ -203,6 +207,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.mega_batch, self.seed, self.group_by_length = max(1, mega_batch), seed, group_by_length
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
+        self.sampler = _EpochSetter(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -228,17 +233,27 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         batches[0], batches[longest] = batches[longest], batches[0]
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]]:  # a generator: the epoch is read at the first batch
         batches = self._batches()
         self.epoch += 1
         if self.num_replicas > 1:
             per = len(batches) // self.num_replicas
             batches = batches[self.rank::self.num_replicas][:per]
-        return iter(batches)
+        yield from batches
 
     def __len__(self) -> int:
         n = math.ceil(len(self.lengths) / self.batch_size)
         return n // self.num_replicas if self.num_replicas > 1 else n
+
+
+class _EpochSetter:
+    """``batch_sampler.sampler`` for Lightning's ``set_epoch`` call (it sets no epoch on a batch sampler itself)."""
+
+    def __init__(self, batch_sampler: LengthGroupedBatchSampler):
+        self.batch_sampler = batch_sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
 
 
 class _ListDataset(Dataset):
@@ -427,8 +442,9 @@ class PairwiseDataModule(L.LightningDataModule):
         sampler = LengthGroupedBatchSampler([r.length for r in rows], batch_size, shuffle=shuffle,
                                             mega_batch=self.mega_batch, seed=self.seed,
                                             group_by_length=self.group_by_length, num_replicas=world, rank=rank)
-        return DataLoader(_ListDataset(rows), batch_sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=partial(collate_pairs, pad_id=self.tokenizer.pad_token_id))
+        cls = ResumableDataLoader if shuffle else DataLoader  # training: a position Lightning checkpoints
+        return cls(_ListDataset(rows), batch_sampler=sampler, num_workers=self.num_workers,
+                   collate_fn=partial(collate_pairs, pad_id=self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_pairs, self.batch_size, shuffle=True)

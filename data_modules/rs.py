@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Sampler
 
+from data_modules.resumable import EpochRandomSampler, ResumableDataLoader
 from data_modules.sft import PackedSFTDataModule
 from data_modules.sources import brief, iter_records
 from llama2_lit import world
@@ -138,12 +139,15 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         import torch
 
+        # a position Lightning checkpoints (data_modules/resumable.py); orders are functions of (seed, epoch)
         if self.num_batches:
             sampler = CyclingSampler(len(self.prompts()), self.num_batches * self.batch_size, self.seed)
-            return DataLoader(self.prompts(), batch_size=self.batch_size, sampler=sampler, collate_fn=list,
-                              num_workers=self.num_workers)
-        return DataLoader(self.prompts(), batch_size=self.batch_size, shuffle=True, collate_fn=list,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+            return ResumableDataLoader(self.prompts(), batch_size=self.batch_size, sampler=sampler, collate_fn=list,
+                                       num_workers=self.num_workers)
+        prompts = self.prompts()
+        return ResumableDataLoader(prompts, batch_size=self.batch_size, sampler=EpochRandomSampler(prompts, self.seed),
+                                   collate_fn=list, num_workers=self.num_workers,
+                                   generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self):
         prompts = self.val_prompts()

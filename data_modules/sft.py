@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_modules.packing import OVERLONG, PACKINGS, Row, pack
 from data_modules.records import FORMATS, text_of, to_messages, tokenize_chat, tokenize_text
+from data_modules.resumable import EpochRandomSampler, ResumableDataLoader
 from data_modules.sources import iter_records
 from llama2_lit.errors import DataError, UserError
 from llama2_lit.losses import IGNORE_INDEX
@@ -190,9 +191,16 @@ class PackedSFTDataModule(L.LightningDataModule):
     # -- loaders --------------------------------------------------------------------------
     def _loader(self, rows: list[Row], shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id
-        return DataLoader(RowDataset(rows), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=partial(collate_rows, pad_id=pad),
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+        collate = partial(collate_rows, pad_id=pad)
+        if not shuffle:
+            return DataLoader(RowDataset(rows), batch_size=self.batch_size, num_workers=self.num_workers,
+                              collate_fn=collate)
+        # training: a seeded order per epoch and a position Lightning checkpoints (data_modules/resumable.py);
+        # the loader's own generator only seeds workers (so the global RNG is not drawn from)
+        ds = RowDataset(rows)
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=EpochRandomSampler(ds, self.seed),
+                                   num_workers=self.num_workers, collate_fn=collate,
+                                   generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_rows, shuffle=True)
