@@ -55,8 +55,15 @@ class GoldEvalCallback(L.Callback):
         for p, a in self.samples:
             log.info("  %r -> %r", p, a)
 
+    def state_dict(self) -> dict:
+        return {"init": {k: v for k, v in self.final_metrics.items() if k.endswith("_init")}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.final_metrics.update(state_dict.get("init") or {})
+
     def on_fit_start(self, trainer, pl_module) -> None:
-        if self.at_start:
+        # a resumed run keeps the untrained model's scores from its checkpoint (its model is a trained one)
+        if self.at_start and not any(k.endswith("_init") for k in self.final_metrics):
             self._evaluate(trainer, pl_module, "_init")
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llama2_lit import config as _config  # noqa: F401  (registers the ${project_root:} resolver)
-from llama2_lit.errors import UserError
+from llama2_lit.errors import Preempted, UserError
 
 
 def _user_error(e: BaseException | None) -> UserError | None:
@@ -25,6 +25,9 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         metrics = run(cfg)
+    except Preempted as e:  # SIGTERM/SIGUSR1: a checkpoint was saved; rerun with ckpt_path=last
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - a user error (possibly wrapped by hydra.utils.instantiate) is one line
         user = _user_error(e)
         if user is None:

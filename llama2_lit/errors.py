@@ -16,3 +16,12 @@ class DataError(UserError):
             where += f":{line}"
         what = f" field '{field}'" if field else ""
         super().__init__(f"{where}:{what} {message}")
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; the entry point exits with ``exit_code``
+    (75, see ``callbacks/preemption.py``) and the same command with ``ckpt_path=last`` resumes."""
+
+    def __init__(self, message: str, exit_code: int = 75):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,7 +1,8 @@
 """run(cfg): instantiate the DataModule, the stage's LightningModule and the Trainer; fit; write outputs.
 
 Outputs in ``cfg.paths.output_dir``: ``metrics.json`` (flat final scalars, reproducible for a seed),
-``perf.json`` (timings, which are not), ``hf/`` (model + tokenizer, ``from_pretrained``-ready),
+``perf.json`` (timings, ``perf/*`` and ``time/*``, which are not), ``hf/`` (model + tokenizer,
+``from_pretrained``-ready),
 ``checkpoints/`` and ``tensorboard/`` (Lightning), ``.hydra/`` (Hydra).
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,15 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.resume import EpochEndResume
+from callbacks.checkpoint import AtomicCheckpointIO, SafeCheckpoint, resolve_ckpt_path
+from callbacks.preemption import PREEMPTED_EXIT_CODE, Preemption
+from callbacks.resume import CarriedMetrics, EpochEndResume, ResumeState
+from llama2_lit.errors import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,29 @@ def _validate(trainer, module, datamodule) -> dict[str, float]:
     return out
 
 
+def checkpoint_dir(cfg: DictConfig, out: Path) -> Path:
+    """Where this run's checkpoints go: the ``save_last`` checkpoint callback's folder, else ``<run>/checkpoints``."""
+    for c in (cfg.get("callbacks") or {}).values():
+        if c is not None and c.get("save_last") and c.get("dirpath"):
+            return Path(str(c.dirpath))
+    return out / "checkpoints"
+
+
+@contextmanager
+def _preemptible(trainer):
+    """Lightning's stop on SIGTERM/SIGUSR1 (a ``SystemExit``) becomes :class:`Preempted`, naming the checkpoint."""
+    try:
+        yield
+    except SIGTERMException:
+        pre = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+        signame = (pre.received if pre else None) or "SIGTERM"
+        ckpt = pre.checkpoint if pre else None
+        where = f"checkpoint {ckpt} (step {trainer.global_step})" if ckpt else "no new checkpoint"
+        raise Preempted(f"{signame}: stopped with {where}; rerun the same command with ckpt_path=last "
+                        f"(in the same run directory: hydra.run.dir={trainer.default_root_dir}) to resume",
+                        exit_code=PREEMPTED_EXIT_CODE) from None
+
+
 def build(cfg: DictConfig):
     """The (datamodule, module, trainer) triple a config describes; nothing is run.
 
@@ -57,7 +87,13 @@ def build(cfg: DictConfig):
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(EpochEndResume())  # ckpt_path= at an epoch's end: the next epoch's data, not the one after
+    callbacks.append(ResumeState())  # mid-epoch data position and the global RNG streams (PPO samples from them)
+    callbacks.append(CarriedMetrics())  # val/*_init measured before fit, kept in checkpoints for resumed runs
+    if any(isinstance(c, SafeCheckpoint) and c.save_last for c in callbacks):
+        callbacks.append(Preemption())  # SIGTERM / SIGUSR1: checkpoint at the next step boundary, exit 75
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # writes: temporary file, fsync, os.replace
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.setdefault("init_seed", cfg.seed)
     if isinstance(trainer.strategy, ModelParallelStrategy) and not model_cfg.get("path"):
@@ -86,6 +122,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_stage_shards(cfg)  # trainer=fsdp with a stage that cannot shard: stop before any work
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # ckpt_path=last -> <run dir>/checkpoints/last.ckpt; a damaged checkpoint -> the newest older one that loads
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg, out))
     if cfg.stage.get("prepare"):  # e.g. stage=ppo: train the SFT policy / reward models it needs when none is given
         from hydra.utils import get_method
 
@@ -93,21 +131,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule, module, trainer = build(cfg)
-    initial: dict[str, float] = {}
-    if cfg.get("initial_validation") and not cfg.get("ckpt_path") and trainer.limit_val_batches:
-        initial = {f"{k}_init": v for k, v in _validate(trainer, module, datamodule).items()}
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = _scalars(dict(trainer.callback_metrics))
-    metrics.update(initial)
-    if cfg.get("final_validation", True) and trainer.limit_val_batches:
-        # the trained model's validation metrics (fit validates per epoch, not after a max_steps stop)
-        metrics.update(_validate(trainer, module, datamodule))
+    carried = next(c for c in trainer.callbacks if isinstance(c, CarriedMetrics))
+    with _preemptible(trainer):
+        if cfg.get("initial_validation") and not ckpt_path and trainer.limit_val_batches:
+            carried.metrics = {f"{k}_init": v for k, v in _validate(trainer, module, datamodule).items()}
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = _scalars(dict(trainer.callback_metrics))
+        metrics.update(carried.metrics)  # val/*_init: measured before fit, or restored from the checkpoint
+        if cfg.get("final_validation", True) and trainer.limit_val_batches:
+            # the trained model's validation metrics (fit validates per epoch, not after a max_steps stop)
+            metrics.update(_validate(trainer, module, datamodule))
     metrics.update(_scalars(getattr(datamodule, "stats", {}) or {}))
     for cb in trainer.callbacks:
         metrics.update(_scalars(getattr(cb, "final_metrics", {}) or {}))
     metrics["trainer/steps"] = float(trainer.global_step)
-    perf = {k: v for k, v in metrics.items() if k.startswith("perf/")}
-    metrics = {k: metrics[k] for k in sorted(metrics) if not k.startswith("perf/") and not k.endswith("_step")}
+    timing = ("perf/", "time/")  # wall-clock figures (PPO's time/*_s too) vary run to run: perf.json
+    perf = {k: v for k, v in metrics.items() if k.startswith(timing)}
+    metrics = {k: metrics[k] for k in sorted(metrics) if not k.startswith(timing) and not k.endswith("_step")}
     if isinstance(trainer.strategy, ModelParallelStrategy):  # every rank joins the gather; rank 0 exports
         from llama2_lit.models.sharding import gather_full_
 

@@ -56,6 +56,8 @@ class PPOModule(L.LightningModule):
         options: the ``ppo`` config node (conf/stage/ppo.yaml documents every key).
     """
 
+    checkpoint_monitor = ("val/reward", "max")  # callbacks.checkpoint.SafeCheckpoint(monitor=auto): the best checkpoint
+
     def __init__(self, model_cfg: Mapping[str, Any], tokenizer=None, options: Mapping[str, Any] | None = None):
         super().__init__()
         if isinstance(options, DictConfig):
@@ -349,17 +351,22 @@ class PPOModule(L.LightningModule):
                  ", ".join(f"{k}={x:.4f}" for k, x in m.items()))
 
     # -- state ------------------------------------------------------------------------------------------
+    # (the optimizer, early stopping's counters and the global RNG the rollouts draw their seeds from are saved by
+    # Lightning and callbacks.resume.ResumeState; the prompt position by the resumable prompt loader)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ppo_state"] = {"iteration": self.iteration, "skipped": self.skipped,
+        checkpoint["ppo_state"] = {"iteration": self.iteration, "skipped": self.skipped, "bad_in_row": self.bad_in_row,
                                    "reward_moments": self.reward_moments.state_dict(),
-                                   "best_val_reward": self.best_val_reward, "best_iteration": self.best_iteration}
+                                   "best_val_reward": self.best_val_reward, "best_iteration": self.best_iteration,
+                                   "history": [dict(h) for h in self.history]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         s = checkpoint.get("ppo_state") or {}
         self.iteration, self.skipped = int(s.get("iteration", 0)), int(s.get("skipped", 0))
+        self.bad_in_row = int(s.get("bad_in_row", 0))
         self.reward_moments.load_state_dict(s.get("reward_moments", RunningMoments().state_dict()))
         self.best_val_reward = float(s.get("best_val_reward", -math.inf))
         self.best_iteration = int(s.get("best_iteration", 0))
+        self.history = [dict(h) for h in s.get("history", [])]
 
     def export(self, path: str | Path) -> Path:
         """The policy and tokenizer to ``path`` (``from_pretrained``-ready, the next stage's ``model.path``); the

@@ -1,0 +1,85 @@
+"""Preemption: SIGTERM or SIGUSR1 (SLURM's warning signal) saves a checkpoint at the next step boundary and stops.
+
+The handler only records the signal. After the training batch in progress (and the validation that follows it,
+when one is due) the callback raises Lightning's own stop flag; Lightning then ends the epoch loop with
+``SIGTERMException``, this callback's ``on_exception`` writes the checkpoint (``last.ckpt`` through the run's
+:class:`~callbacks.checkpoint.SafeCheckpoint`), and ``llama2_lit.run`` turns the stop into
+:class:`llama2_lit.errors.Preempted`: the entry point prints where the checkpoint is and exits with
+``PREEMPTED_EXIT_CODE`` (75, ``EX_TEMPFAIL``: try again). Rerunning the same command in the same run directory with
+``ckpt_path=last`` continues exactly where it stopped.
+
+Handlers are installed when training starts (replacing Lightning's SIGTERM handler for the fit, which Lightning
+restores afterwards). A signal during validation before or after ``fit`` stops that validation (Lightning's
+handler) with the same exit code; outside the trainer the signal's default action applies.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preemption(L.Callback):
+    """Save and stop at the next step boundary on one of ``signals`` (names, e.g. ``[SIGTERM, SIGUSR1]``)."""
+
+    def __init__(self, signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR1")):
+        self.signals = [s for s in signals if hasattr(signal, s)]
+        self.received: str | None = None
+        self.checkpoint: str | None = None
+        self._stop_after_validation = False
+
+    def _handler(self, signum, frame) -> None:  # no logging here: a handler may interrupt the logging lock's holder
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.received, self.checkpoint, self._stop_after_validation = None, None, False
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.signals:
+            signal.signal(getattr(signal, name), self._handler)
+
+    def _stop(self, trainer) -> None:
+        if not trainer.received_sigterm:
+            log.warning("%s received: saving a checkpoint and stopping after step %d", self.received,
+                        trainer.global_step)
+        trainer._signal_connector.received_sigterm = True  # Lightning stops at the end of this step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.received is None:
+            return
+        from callbacks.checkpoint import SafeCheckpoint
+
+        if SafeCheckpoint._validation_follows(trainer):
+            self._stop_after_validation = True  # stopping now would interrupt the validation that follows
+        else:
+            self._stop(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.received is not None and trainer.training is False and trainer.state.fn == "fit":
+            self._stop(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        if self.received is None:
+            self.received = "SIGTERM"
+        from callbacks.checkpoint import SafeCheckpoint
+
+        ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, SafeCheckpoint) and c.save_last), None)
+        if ckpt is None:
+            log.warning("%s: no checkpoint callback with save_last (callbacks=none?): nothing saved", self.received)
+            return
+        if trainer.validating and not trainer.training:
+            log.warning("%s during validation: the last checkpoint is the resume point", self.received)
+            self.checkpoint = ckpt.last_model_path or None
+            return
+        self.checkpoint = ckpt.save_now(trainer)
+        log.warning("%s: checkpoint saved to %s (step %d)", self.received, self.checkpoint, trainer.global_step)
