@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: help install run demo test test-slow test-all bench bench-sft bench-rm bench-gen bench-ppo fetch-smollm2 clean
+.PHONY: help install run demo test test-slow test-all soak bench bench-sft bench-rm bench-gen bench-ppo fetch-smollm2 clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ test-slow: install ## slow and real-checkpoint tests
 
 test-all: install ## every test
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+soak: install ## PPO on model=tiny for 200 iterations: no NaN, RSS after warm-up vs end (bench/results/soak_ppo.json)
+	OMP_NUM_THREADS=1 $(PY) bench/soak_ppo.py
 
 bench: bench-sft bench-rm bench-gen bench-ppo ## every benchmark
 
