@@ -8,7 +8,8 @@ when one is due) the callback raises Lightning's own stop flag; Lightning then e
 ``PREEMPTED_EXIT_CODE`` (75, ``EX_TEMPFAIL``: try again). Rerunning the same command in the same run directory with
 ``ckpt_path=last`` continues exactly where it stopped.
 
-Handlers are installed when training starts (replacing Lightning's SIGTERM handler for the fit, which Lightning
+A signal during the last step lets the run finish (final checkpoint, validation, export; exit 0). Handlers are
+installed when training starts (replacing Lightning's SIGTERM handler for the fit, which Lightning
 restores afterwards). A signal during validation before or after ``fit`` stops that validation (Lightning's
 handler) with the same exit code; outside the trainer the signal's default action applies.
 """
@@ -34,6 +35,7 @@ class Preemption(L.Callback):
         self.received: str | None = None
         self.checkpoint: str | None = None
         self._stop_after_validation = False
+        self._finishing = False
 
     def _handler(self, signum, frame) -> None:  # no logging here: a handler may interrupt the logging lock's holder
         if self.received is None:
@@ -41,12 +43,30 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.received, self.checkpoint, self._stop_after_validation = None, None, False
+        self._finishing = False
         if threading.current_thread() is not threading.main_thread():
             return
         for name in self.signals:
             signal.signal(getattr(signal, name), self._handler)
 
+    @staticmethod
+    def _ends_here(trainer) -> bool:
+        """Whether training ends after this step anyway (then the run finishes: export and all)."""
+        loop = trainer.fit_loop
+        if loop.max_steps not in (None, -1) and trainer.global_step >= loop.max_steps:
+            return True
+        if trainer.should_stop:
+            return True
+        epoch = loop.epoch_loop
+        last_batch = epoch.batch_progress.is_last_batch or epoch._num_ready_batches_reached()
+        return bool(last_batch and loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= loop.max_epochs)
+
     def _stop(self, trainer) -> None:
+        if self._ends_here(trainer):
+            if not self._finishing:
+                log.warning("%s received at the last step: finishing the run", self.received)
+            self._finishing = True
+            return
         if not trainer.received_sigterm:
             log.warning("%s received: saving a checkpoint and stopping after step %d", self.received,
                         trainer.global_step)
