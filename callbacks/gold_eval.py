@@ -8,12 +8,23 @@ import lightning as L
 log = logging.getLogger(__name__)
 
 
+def mean_and_se(xs: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt(n); 0 for one value).
+
+    Two runs' gold scores differ meaningfully only by a few standard errors: on 128 held-out prompts it was about
+    0.02, as large as the RLHF gains being measured, hence the 1,000-prompt default of ``data.synthetic.num_eval``.
+    """
+    n = len(xs)
+    mean = sum(xs) / n
+    return mean, (sum((x - mean) ** 2 for x in xs) / max(n - 1, 1) / n) ** 0.5
+
+
 class GoldEvalCallback(L.Callback):
     """Scores the policy with ``gold_helpfulness`` / ``gold_safety`` before and after training.
 
     Works with any DataModule exposing ``oracle`` (bool) and ``eval_prompts()``; a DataModule
     without an oracle (real files) makes this a no-op. Results land in ``final_metrics``
-    (``eval/gold_helpfulness``, ``eval/gold_safety`` and, with ``at_start``, the ``*_init`` values
+    (``eval/gold_helpfulness`` with its standard error ``eval/gold_helpfulness_se``, ``eval/gold_safety`` and, with ``at_start``, the ``*_init`` values
     of the untrained model), which the entry point writes to ``metrics.json``.
     """
 
@@ -43,7 +54,8 @@ class GoldEvalCallback(L.Callback):
         answers = [o[0] for o in outs]
         helpful = [world.gold_helpfulness(p, a) for p, a in zip(prompts, answers)]
         safe = [world.gold_safety(p, a) for p, a in zip(prompts, answers) if world.is_safety_prompt(p)]
-        m = {f"eval/gold_helpfulness{suffix}": sum(helpful) / len(helpful)}
+        mean, se = mean_and_se(helpful)
+        m = {f"eval/gold_helpfulness{suffix}": mean, f"eval/gold_helpfulness_se{suffix}": se}
         if safe:
             m[f"eval/gold_safety{suffix}"] = sum(safe) / len(safe)
         self.final_metrics.update(m)

@@ -20,6 +20,7 @@ def test_sft_end_to_end_writes_outputs_and_hf_export_reloads(make_cfg, tmp_path)
         assert key in saved, key
     assert saved["trainer/steps"] == 3
     assert 0.0 <= saved["eval/gold_helpfulness"] <= 1.0
+    assert 0.0 <= saved["eval/gold_helpfulness_se"] <= 0.5 and "eval/gold_helpfulness_se_init" in saved
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert "perf/tokens_per_s" in json.loads((tmp_path / "perf.json").read_text())
 
