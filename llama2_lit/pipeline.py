@@ -185,11 +185,13 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
         if last:
             m = _metrics(last)
             row["gold_helpfulness"] = m.get("eval/gold_helpfulness")
+            row["gold_helpfulness_se"] = m.get("eval/gold_helpfulness_se")
             row["gold_safety"] = m.get("eval/gold_safety")
             row["policy"] = last.name
         if k == 1 and 0 not in by_it and "rs_distill" in st:  # a given starting policy: its gold eval at the start
             m = _metrics(st["rs_distill"])
             rows.append({"iteration": 0, "policy": "model.path", "gold_helpfulness": m.get("eval/gold_helpfulness_init"),
+                         "gold_helpfulness_se": m.get("eval/gold_helpfulness_se_init"),
                          "gold_safety": m.get("eval/gold_safety_init")})
         for reward in ("helpfulness", "safety"):
             m = _metrics(st[f"rm_{reward}"]) if f"rm_{reward}" in st else {}
@@ -212,11 +214,15 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
     def f(x, nd=3):
         return "–" if x is None else f"{x:.{nd}f}"
 
+    def gold(r):  # with its standard error when the run measured one
+        se = r.get("gold_helpfulness_se")
+        return f(r.get("gold_helpfulness")) + ("" if se is None else f" ± {f(se)}")
+
     lines = ["# Pipeline report", "", "| iteration | policy | gold helpfulness | gold safety | RM help acc | "
              "RM safety acc | RS max@K / median@K | PPO KL | minutes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rs = f"{f(r.get('rs_max'))} / {f(r.get('rs_median'))}" if r.get("rs_max") is not None else "–"
-        lines.append(f"| {r['iteration']} | {r.get('policy', '–')} | {f(r.get('gold_helpfulness'))} | "
+        lines.append(f"| {r['iteration']} | {r.get('policy', '–')} | {gold(r)} | "
                      f"{f(r.get('gold_safety'))} | {f(r.get('rm_helpfulness_acc'))} | {f(r.get('rm_safety_acc'))} | "
                      f"{rs} | {f(r.get('ppo_kl'))} | {f(r.get('seconds', 0) / 60, 1) if r.get('seconds') else '–'} |")
     lines += ["", "Helpfulness RM accuracy by rating bucket (Table 8's columns):", "",

@@ -57,6 +57,7 @@ def fake_runner(calls, crash_at=None):
             raise UserError("killed")
         step.dir.mkdir(parents=True, exist_ok=True)
         metrics = {"eval/gold_helpfulness": 0.1 * step.iteration, "eval/gold_safety": 1.0, "val/accuracy": 0.6,
+                   **({"eval/gold_helpfulness_se": 0.012} if step.kind == "ppo" else {}),
                    "rs/reward_max@16": 0.7, "rs/reward_median@16": 0.5, "ppo/kl": 0.3}
         (step.dir / "metrics.json").write_text(json.dumps(metrics))
     return runner
@@ -86,7 +87,8 @@ def test_report_table(tmp_path):
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["gold_helpfulness"] for r in rows] == pytest.approx([0.0, 0.1, 0.2])
     assert rows[2]["policy"] == "v2/ppo" and rows[2]["ppo_kl"] == 0.3 and rows[1]["rs_max"] == 0.7
-    assert "| 2 | v2/ppo | 0.200 | 1.000 | 0.600 | 0.600 | 0.700 / 0.500 | 0.300 | 6.0 |" in text
+    assert "| 1 | v1/rs_distill | 0.100 | 1.000 |" in text  # no standard error measured: none printed
+    assert "| 2 | v2/ppo | 0.200 ± 0.012 | 1.000 | 0.600 | 0.600 | 0.700 / 0.500 | 0.300 | 6.0 |" in text
     assert (tmp_path / "report.png").stat().st_size > 0
 
 
