@@ -78,8 +78,9 @@ def _preemptible(trainer):
 def build(cfg: DictConfig):
     """The (datamodule, module, trainer) triple a config describes; nothing is run.
 
-    Under a sharding strategy (``trainer=fsdp``) a random-init model is built on the meta device with the
-    seeded init (``model.init=seeded``), so that each rank allocates and fills only its shard.
+    Under a sharding strategy (``trainer=fsdp``) models are built on the meta device, so that each rank
+    allocates and fills only its shard: by the seeded init (``model.init=seeded``) when random, or by reading
+    its slices of ``model.path``'s safetensors files.
     """
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -96,8 +97,10 @@ def build(cfg: DictConfig):
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.setdefault("init_seed", cfg.seed)
-    if isinstance(trainer.strategy, ModelParallelStrategy) and not model_cfg.get("path"):
-        model_cfg.update(init_device="meta", init="seeded")
+    if isinstance(trainer.strategy, ModelParallelStrategy):  # built on meta; each rank fills its shard only
+        model_cfg.update(init_device="meta")
+        if not model_cfg.get("path"):
+            model_cfg.update(init="seeded")
     # _convert_=all: plain dicts/lists in the module's hyperparameters, so that checkpoints load under torch.load's
     # weights_only default (OmegaConf containers are not allowed globals: ckpt_path= resumes failed on them)
     module = instantiate(cfg.stage.module, model_cfg=model_cfg, tokenizer=datamodule.tokenizer, _recursive_=False,

@@ -131,11 +131,14 @@ def pretrained_config(src: str, path: str, **overrides):
 
 def finish_model(model: torch.nn.Module, model_cfg: Mapping[str, Any], trainable: tuple[str, ...] = ()):
     """The steps after building the architecture that every loader shares: LoRA (``model.lora``), then the
-    seeded init of a random-init model that was not built on the meta device."""
+    seeded init of a random-init model that was not built on the meta device. A checkpoint's model built on the
+    meta device records its folder (``checkpoint_source``): ``models.sharding`` reads it there, shard by shard."""
     from llama2_lit.models.init import seeded_init_
     from llama2_lit.models.lora import apply_lora
 
     on_meta, init, seed = init_options(model_cfg)
+    if on_meta and model_cfg.get("path"):  # filled later from this folder, shard by shard (models.sharding)
+        model.checkpoint_source = resolve_path(str(model_cfg["path"]))
     model = apply_lora(model, model_cfg.get("lora"), trainable)
     if init == "seeded" and not model_cfg.get("path") and not on_meta:
         seeded_init_(model, seed)

@@ -8,10 +8,15 @@ forward and backward only. Mixed precision is FSDP2's ``MixedPrecisionPolicy`` (
 fp32 sharded master weights and gradient reduction) on GPU, fp32 on CPU; ``model.gradient_checkpointing``
 recomputes each decoder layer in backward; ``strategy.cpu_offload`` keeps the shards in host memory.
 
-Building: a random-init model is built on the meta device and each rank fills only its shard
-(``model.init=seeded``, ``llama2_lit.models.init``); a pretrained ``model.path`` is read whole by every
-rank (``from_pretrained`` on CPU) and then sharded, so each rank's host memory must hold one full copy
-while the model is built (sharded reading of the safetensors files is not done).
+Building: every model is built on the meta device and sharded before any weight exists. A random-init
+model is then filled shard by shard (``model.init=seeded``, ``llama2_lit.models.init``); a pretrained
+``model.path`` (a folder of ``*.safetensors``) is read slice by slice: each rank reads only the rows of each
+tensor its shard holds (:func:`load_safetensors_`), so no rank ever holds a full copy.
+
+PPO (``llama2_lit.modules.ppo``) shards the policy, the critic, the frozen reference and the reward models
+alike; its rollouts run on the policy's gathered weights (:func:`gathered`: one all-gather per rollout phase,
+freed after) or, with ``ppo.gather_for_generation=false``, on the sharded policy, each decoding step gathering
+every layer again (:func:`lockstep_forwards` keeps the ranks' collective forwards paired).
 
 Checkpoints: Lightning saves a distributed checkpoint directory (``checkpoints/last.ckpt/``: one file of
 shards per rank and ``meta.pt``); ``ckpt_path=<that dir>`` resumes from it. ``hf/`` is written at the end
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -77,7 +83,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: bool = True,
-                cpu_offload: bool = False, activation_checkpointing: bool = False) -> nn.Module:
+                cpu_offload: bool = False, activation_checkpointing: bool = False, called: tuple[str, ...] = ()) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to each decoder layer, then to ``model`` (the embeddings, final norm, head).
 
     mesh: a 1-D device mesh of the data-parallel ranks. mp_policy: a ``MixedPrecisionPolicy`` (default fp32).
@@ -85,7 +91,9 @@ def shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: b
     backward) rather than keeping them to backward (ZeRO-2: faster, more memory); the last layer always
     keeps them, as backward needs them at once. cpu_offload: shards, gradients and the optimizer step on CPU.
     activation_checkpointing: recompute each decoder layer in backward (transformers' per-layer checkpointing,
-    non-reentrant, which runs inside each layer's FSDP hooks). Works on meta-device models too.
+    non-reentrant, which runs inside each layer's FSDP hooks). called: submodules that code calls directly rather
+    than through ``model``'s forward (the critic's backbone and value head): each becomes its own FSDP group, so
+    that its hooks gather it. Works on meta-device models too.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -96,6 +104,8 @@ def shard_model(model: nn.Module, mesh, mp_policy=None, reshard_after_forward: b
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kw)
+    for name in called:
+        fully_shard(model.get_submodule(name), reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
     return model
 
@@ -191,20 +201,38 @@ def _checkpointing(model: nn.Module) -> bool:
     return bool(getattr(base, "is_gradient_checkpointing", False))
 
 
-def configure_sharded(module, model: nn.Module, seed: int | None = None) -> nn.Module:
+def _fill(model: nn.Module, device, seed: int | None) -> None:
+    """Allocate a meta-device model on ``device`` and fill it: from its checkpoint folder when it has one
+    (``checkpoint_source``, set by ``loading.finish_model``), else by the seeded init."""
+    from llama2_lit.models.init import materialize_
+
+    source = getattr(_base(model), "checkpoint_source", None)
+    materialize_(model, device, seed=None if source else (seed or 0))
+    if source:
+        load_safetensors_(model, source, seed=seed or 0)
+
+
+def sharding_strategy(module) -> ModelParallelStrategy | None:
+    """The module's trainer's strategy when it shards (``trainer=fsdp``), else None."""
+    strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+    return strategy if isinstance(strategy, ModelParallelStrategy) else None
+
+
+def configure_sharded(module, model: nn.Module, seed: int | None = None, called: tuple[str, ...] = ()) -> nn.Module:
     """The body of a stage module's ``configure_model``: shard ``model`` when the trainer runs FSDP2.
 
     A model built on the meta device is then materialised: sharded on the strategy's device (each rank fills
-    its shard by the seeded init), or whole on CPU when the run is not sharded. Idempotent (Lightning calls
-    ``configure_model`` again for ``validate``). ``seed``: ``model.init_seed``.
+    its shard, by the seeded init or from the slices of its checkpoint files it holds), or whole on CPU when
+    the run is not sharded. Idempotent (Lightning calls ``configure_model`` again for ``validate``).
+    ``seed``: ``model.init_seed``; ``called``: see :func:`shard_model`. Frozen models (PPO's reference and
+    reward models) shard the same way.
     """
-    from llama2_lit.models.init import has_meta, materialize_
+    from llama2_lit.models.init import has_meta
 
-    trainer = getattr(module, "_trainer", None)
-    strategy = getattr(trainer, "strategy", None)
-    if not isinstance(strategy, ModelParallelStrategy):
+    strategy = sharding_strategy(module)
+    if strategy is None:
         if has_meta(model):
-            materialize_(model, "cpu", seed=seed or 0)
+            _fill(model, "cpu", seed)
         return model
     if is_sharded(model):
         return model
@@ -216,13 +244,134 @@ def configure_sharded(module, model: nn.Module, seed: int | None = None) -> nn.M
     mesh = module.device_mesh["data_parallel"]
     shard_model(model, mesh, mp_policy=mixed_precision_policy(getattr(strategy, "mixed_precision", "auto"), device.type),
                 reshard_after_forward=bool(getattr(strategy, "reshard_after_forward", True)), cpu_offload=offload,
-                activation_checkpointing=_checkpointing(model))
+                activation_checkpointing=_checkpointing(model), called=called)
     if has_meta(model):
-        materialize_(model, "cpu" if offload else device, seed=seed or 0)
+        _fill(model, "cpu" if offload else device, seed)
     total = sum(p.numel() for p in model.parameters())
     log.info("rank %d of %d holds %d of %d parameters (%.1f%%)", mesh.get_local_rank(), mesh.size(),
              local_numel(model), total, 100 * local_numel(model) / max(1, total))
     return model
+
+
+# -- reading a checkpoint folder shard by shard ----------------------------------------------------------------
+def _rows_held(param: torch.Tensor) -> tuple[slice, ...]:
+    """The index of the global tensor this rank's shard of ``param`` holds (everything when not a DTensor)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, n) for n in param.shape)
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def load_safetensors_(model: nn.Module, folder: str | Path, seed: int = 0) -> nn.Module:
+    """Fill ``model``'s (materialised, possibly sharded) parameters from the ``*.safetensors`` files of ``folder``.
+
+    Each rank reads, with ``safe_open(...).get_slice(name)[index]``, only the part of each tensor its shard
+    holds (FSDP2 shards dim 0: the rows ``_rows_held`` gives), so no rank reads or holds a whole model.
+    Parameters the checkpoint lacks: LoRA adapters and a new scalar head (``score``: a critic started from a
+    causal LM) take the seeded init (``llama2_lit.models.init``); any other missing name, or a shape that
+    differs from the checkpoint's, is an error. Tied parameters are read once.
+    """
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    from llama2_lit.models.init import _std, seeded_value
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no *.safetensors files to read shard by shard (trainer=fsdp loads model "
+                        f"folders in safetensors format only){_pickled_hint(folder)}")
+    base = _base(model)
+    std = _std(base)
+    with ExitStack() as stack:
+        where = {}
+        for f in files:
+            handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            where.update(dict.fromkeys(handle.keys(), handle))
+        with torch.no_grad():
+            for name, param in base.named_parameters():  # remove_duplicate: a tied weight once
+                key = name.replace(".base_layer.", ".")  # peft keeps the wrapped Linear's weight under base_layer
+                local = param.to_local() if hasattr(param, "to_local") else param
+                if key not in where:
+                    if ".lora_" in name or name.split(".")[0] in ("score", "classifier"):
+                        owner = base.get_submodule(name.rsplit(".", 1)[0])
+                        full = seeded_value(name, owner, param.shape, std, seed)
+                        local.copy_(full[_rows_held(param)])
+                        continue
+                    raise UserError(f"{folder}: the checkpoint has no tensor '{key}' for parameter {name} of "
+                                    f"{type(base).__name__}")
+                piece = where[key].get_slice(key)
+                if list(piece.get_shape()) != list(param.shape):
+                    raise UserError(f"{folder}: tensor '{key}' has shape {piece.get_shape()}, the model's parameter "
+                                    f"{list(param.shape)}")
+                local.copy_(piece[_rows_held(param)])
+    return model
+
+
+def _pickled_hint(folder) -> str:
+    from llama2_lit.models.loading import pickled_only
+
+    return pickled_only(str(folder))
+
+
+# -- rollouts of a sharded policy ------------------------------------------------------------------------------
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered(model: nn.Module):
+    """All-gather every FSDP group of ``model`` once (FSDP2's ``unshard``; a collective), so that its
+    parameters are plain full tensors (in the compute dtype) inside the block; reshard and free them after.
+
+    Code inside reads the parameters directly (the generation engine's ``llama`` backend): a module forward
+    would run FSDP's hooks, which reshard after each layer.
+    """
+    mods = fsdp_modules(model)
+    for m in mods:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+
+
+@contextmanager
+def lockstep_forwards(model: nn.Module, idle_forward):
+    """Pair the collective forwards of a sharded ``model`` across ranks that make different numbers of them
+    (sampling stops when this rank's answers have all ended).
+
+    Each forward inside the block first all-reduces a 1; at the end of the block a rank all-reduces 0 and, while
+    another rank is still making forwards (the sum is not 0), joins each of them with ``idle_forward()`` (a
+    forward of a dummy input: FSDP's all-gathers do not depend on the input's shape).
+    """
+    import torch.distributed as dist
+
+    device = next(model.parameters()).device
+    draining = [False]
+
+    def before(mod, args, kwargs):
+        if not draining[0]:
+            dist.all_reduce(torch.ones(1, device=device))
+
+    handle = model.register_forward_pre_hook(before, with_kwargs=True, prepend=True)  # before FSDP's own hook
+    try:
+        yield model
+        draining[0] = True
+        while True:
+            others = torch.zeros(1, device=device)
+            dist.all_reduce(others)
+            if others.item() == 0:
+                break
+            idle_forward()
+    finally:
+        handle.remove()
 
 
 # -- whole weights from shards -----------------------------------------------------------------------------
@@ -322,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__: list[Any] = ["FSDP2Strategy", "configure_sharded", "consolidate", "decoder_layers", "gather_full_",
-                      "local_numel", "mixed_precision_policy", "shard_model"]
+__all__: list[Any] = ["FSDP2Strategy", "configure_sharded", "consolidate", "decoder_layers", "gather_full_", "gathered",
+                      "load_safetensors_", "local_numel", "lockstep_forwards", "mixed_precision_policy", "shard_model",
+                      "sharding_strategy"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -41,7 +41,7 @@ def load_value_model(init: str, policy_cfg: Mapping[str, Any], tokenizer, reward
     if tokenizer_fingerprint(AutoTokenizer.from_pretrained(src)) != tokenizer_fingerprint(tokenizer):
         raise UserError(f"ppo.value_init=reward: the reward model at '{reward_path}' has a different tokenizer from "
                         "the policy, and a value model reads values at the policy's tokens; use ppo.value_init=policy")
-    cfg = {k: v for k, v in dict(policy_cfg).items() if k in ("dtype", "attn_implementation")}
+    cfg = {k: v for k, v in dict(policy_cfg).items() if k in ("dtype", "attn_implementation", "init_device")}
     return load_reward_model({**cfg, "path": src}, tokenizer, freeze_layers=0).train()
 
 
