@@ -1,5 +1,6 @@
 """trainer=fsdp on CPU: 2 gloo processes shard the model (FSDP2), train like one process over the same global
-batch, resume from a sharded checkpoint, and consolidate it to a Hugging Face folder; the seeded meta-device init."""
+batch, resume from a sharded checkpoint, and consolidate it to a Hugging Face folder; the seeded meta-device init;
+PPO with all five models sharded, rollouts on gathered weights, and checkpoint folders read shard by shard."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.test_ppo import parts  # noqa: F401  (fixture: a tiny policy and two reward models as HF folders)
 
 TINY = [
     "logger=none",
@@ -61,16 +63,16 @@ class Probe(L.Callback):
         (out / f"probe.rank{trainer.global_rank}.json").write_text(json.dumps(self.rec))
 
 
-def _launch(out_root: Path, cache_dir: str, *extra: str) -> tuple[Path, float]:
+def _launch(out_root: Path, cache_dir: str, *extra: str, base: list[str] = TINY, stage: str = "sft") -> tuple[Path, float]:
     """``python -m llama2_lit`` with 2 CPU processes under trainer=fsdp; the run directory and wall seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1"}
-    cmd = [sys.executable, "-m", "llama2_lit", *TINY, "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
+    cmd = [sys.executable, "-m", "llama2_lit", *base, "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
            "stage.batch_size=2", f"paths.output_root={out_root}", f"paths.cache_dir={cache_dir}", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     took = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (run_dir,) = (out_root / "runs" / "sft").iterdir()
+    (run_dir,) = (out_root / "runs" / stage).iterdir()
     return run_dir, took
 
 
@@ -177,24 +179,119 @@ def test_seeded_init_is_the_same_built_whole_or_on_meta_and_materialised(tok):
     assert not torch.equal(other.lm_head.weight, whole.lm_head.weight)
 
 
+class NoShard(L.LightningModule):
+    """A stage module without ``configure_model`` (every shipped stage has one now)."""
+
+
 def test_fsdp_with_a_stage_that_does_not_shard_stops_before_any_work(make_cfg, tmp_path):
     from llama2_lit.errors import UserError
     from llama2_lit.run import run
 
-    with pytest.raises(UserError, match=r"trainer=fsdp: stage=ppo \(PPOModule\) does not shard"):
-        run(make_cfg("stage=ppo", "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu"))
-    assert not (tmp_path / "prepare").exists() and not list(tmp_path.iterdir())
+    with pytest.raises(UserError, match=r"trainer=fsdp: stage=sft \(NoShard\) does not shard"):
+        run(make_cfg("trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
+                     "stage.module._target_=tests.test_fsdp.NoShard"))
+    assert not list(tmp_path.iterdir())
 
 
 def test_ckpt_path_resumes_a_one_process_run_at_an_epoch_end(make_cfg, tmp_path):
     """One process: the checkpoint's hyperparameters load under torch.load's weights_only default (OmegaConf
     containers in them made every ckpt_path= fail), and a run resumed at an epoch's end trains the next epoch
-    (Lightning 2.6 counted the finished epoch twice and stopped at max_epochs). Its data order is not the
-    uninterrupted run's: the one-process loader's shuffle generator is seeded once per loader, not per epoch."""
+    (Lightning 2.6 counted the finished epoch twice and stopped at max_epochs), exactly as the uninterrupted run
+    did (the resumable loader restores the data order: same losses)."""
     from llama2_lit.run import run
 
     args = [*TINY, "trainer=cpu", "stage.batch_size=4"]
     run(make_cfg(*args, small=False, out=tmp_path / "a"))
     metrics = run(make_cfg(*args, f"ckpt_path='{tmp_path}/a/checkpoints/epoch=0-step=3.ckpt'", small=False,
                            out=tmp_path / "b"))
-    assert sorted(_probe(tmp_path / "b")["loss"]) == [4, 5, 6] and metrics["trainer/steps"] == 6
+    resumed, whole = _probe(tmp_path / "b")["loss"], _probe(tmp_path / "a")["loss"]
+    assert sorted(resumed) == [4, 5, 6] and metrics["trainer/steps"] == 6
+    assert resumed == {s: whole[s] for s in (4, 5, 6)}
+
+
+# -- PPO sharded ------------------------------------------------------------------------------------------------
+PPO = [
+    "stage=ppo", "logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "trainer.limit_val_batches=1", "trainer.max_steps=-1", "data.synthetic.num_train=40", "data.val_batch_size=2",
+    "ppo.iterations=2", "ppo.mini_batch_size=1", "ppo.ppo_epochs=1", "ppo.max_new_tokens=6",
+    "ppo.eval.max_new_tokens=4", "ppo.eval.greedy=false", "stage.val_check_interval=2", "ppo.rm_batch_size=2",
+    "+callbacks.probe._target_=tests.test_fsdp.PPOProbe",
+]
+GEN_PROMPTS = ["What is 2 + 3?", "Name a colour.", "Say hello to the world, please.", "What is 7 times 6?"]
+GEN = dict(max_new_tokens=8, temperature=1.0, seed=5)
+
+
+class PPOProbe(L.Callback):
+    """Per rank, before PPO trains: the parameters it holds of every model, every model's gathered full weights
+    (rank 0 saves them), and its own prompts' answers sampled with gathered weights and from the sharded policy."""
+
+    def on_train_start(self, trainer, pl_module):
+        from llama2_lit.engine import Engine, Sampling
+        from llama2_lit.models.sharding import fsdp_modules, local_numel
+
+        rank, out = trainer.global_rank, Path(trainer.default_root_dir)
+        models = pl_module._sharded_models()
+        for m in models.values():  # a forward leaves the last layer gathered (it does not reshard after forward)
+            for mod in fsdp_modules(m):
+                mod.reshard()
+        rec = {"world": trainer.world_size, "local": {k: local_numel(m) for k, m in models.items()},
+               "total": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}}
+        full = {f"{k}/{n}": p.full_tensor().detach().cpu() for k, m in models.items() for n, p in m.named_parameters()}
+        if trainer.is_global_zero:
+            torch.save(full, out / "full_weights.pt")
+        prompts = GEN_PROMPTS[rank::2]  # different prompts per rank: answers of different lengths
+        with pl_module._rollout_engine() as engine:
+            rec["gathered_backend"] = engine.backend
+            rec["gathered"] = engine.generate(prompts, Sampling(**GEN)).response_ids.tolist()
+        gather, engine0 = pl_module.opts.get("gather_for_generation", True), pl_module.engine
+        pl_module.opts["gather_for_generation"], pl_module.engine = False, Engine(pl_module.model, pl_module.tokenizer)
+        try:
+            with pl_module._rollout_engine() as engine:
+                rec["sharded_backend"] = engine.backend
+                rec["sharded"] = engine.generate(prompts, Sampling(**GEN)).response_ids.tolist()
+        finally:
+            pl_module.opts["gather_for_generation"], pl_module.engine = gather, engine0
+        (out / f"ppo_probe.rank{rank}.json").write_text(json.dumps(rec))
+
+
+@pytest.mark.slow
+@pytest.mark.fsdp
+def test_ppo_sharded_on_two_processes_gathers_for_generation_and_loads_shard_by_shard(tmp_path, parts, tok, cache_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llama2_lit.engine import Engine, Sampling
+
+    run_dir, took = _launch(tmp_path / "out", cache_dir, f"model.path={parts / 'policy'}",
+                            f"ppo.reward_models.helpfulness={parts / 'helpfulness'}",
+                            f"ppo.reward_models.safety={parts / 'safety'}", base=PPO, stage="ppo")
+    r = [json.loads((run_dir / f"ppo_probe.rank{i}.json").read_text()) for i in (0, 1)]
+    assert r[0]["world"] == 2 and r[0]["total"] == r[1]["total"]
+    for k, total in r[0]["total"].items():  # each rank holds about half of every model
+        assert r[0]["local"][k] + r[1]["local"][k] == total, k
+        assert abs(r[0]["local"][k] - total / 2) <= 0.02 * total, k
+    print("\nparameters per rank (rank 0 / rank 1 / total): " + ", ".join(
+        f"{k} {r[0]['local'][k]}/{r[1]['local'][k]}/{t}" for k, t in r[0]["total"].items()))
+
+    # sharded loading: each rank read its own rows of the safetensors files; gathered, the weights are the files'
+    full = torch.load(run_dir / "full_weights.pt")
+    files = {"policy": "policy", "ref": "policy", "value": "helpfulness", "rm_helpfulness": "helpfulness",
+             "rm_safety": "safety"}
+    for model, folder in files.items():
+        saved = load_file(parts / folder / "model.safetensors")
+        mine = {k.split("/", 1)[1]: v for k, v in full.items() if k.startswith(model + "/")}
+        assert mine and all(torch.equal(v, saved[k]) for k, v in mine.items()), model
+    whole = AutoModelForCausalLM.from_pretrained(parts / "policy").eval()  # the same checkpoint read whole
+    assert all(torch.equal(full[f"policy/{k}"], v) for k, v in whole.named_parameters())
+
+    # generation: gathered weights (llama backend) and the sharded policy (hf backend, ranks in lockstep) give
+    # the unsharded model's tokens for the same seed
+    for rank in (0, 1):
+        want = Engine(whole, tok).generate(GEN_PROMPTS[rank::2], Sampling(**GEN)).response_ids.tolist()
+        assert r[rank]["gathered_backend"] == "llama" and r[rank]["gathered"] == want
+        assert r[rank]["sharded_backend"] == "hf" and r[rank]["sharded"] == want
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["trainer/steps"] == 2.0 and metrics["ppo/skipped_batches"] == 0.0
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, whole.model.layers[0].mlp.up_proj.weight)
+    print(f"sharded PPO run (2 iterations) took {took:.0f} s; generation with gathered weights equals unsharded")

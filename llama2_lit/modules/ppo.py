@@ -14,6 +14,13 @@ One ``training_step`` is one PPO iteration over a batch of prompts (Lightning ma
 All the math is in ``llama2_lit/rewards.py`` and ``llama2_lit/losses.py``; this file wires it. The reference
 model and the reward models are frozen, in eval mode, under ``no_grad`` (bf16 on GPU by default) and are not
 part of the module's state dict, so checkpoints hold the policy, the critic and the optimizer only.
+
+``trainer=fsdp`` shards all five models (``configure_model``; the reward models when they load): each rank holds
+1/N of each. Rollouts gather the policy's weights once per rollout phase and free them after
+(``ppo.gather_for_generation``, the Llama 2 paper's fix for FSDP's slow generation); ``false`` samples from the
+sharded policy, every decoding step gathering each layer again. Scoring and the training forwards run sharded.
+Each rank samples and whitens its own share of the prompts; a skip (non-finite rewards or loss) is decided for
+all ranks together.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import copy
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,11 +41,14 @@ from llama2_lit.engine import Engine, Sampling
 from llama2_lit.errors import UserError
 from llama2_lit.losses import explained_variance, masked_entropy, ppo_policy_loss, token_logprobs, value_loss
 from llama2_lit.models.loading import load_causal_lm
+from llama2_lit.models.sharding import (configure_sharded, gathered, is_sharded, local_numel, lockstep_forwards,
+                                        shard_model, sharding_strategy)
 from llama2_lit.models.value import load_value_model, token_values
 from llama2_lit.rewards import RunningMoments, gae, kl_penalty, logit, token_rewards, whiten
 
 log = logging.getLogger(__name__)
 WHITEN = ("batch", "running", "none")
+VALUE_CALLS = ("model", "score")  # token_values calls the critic's backbone and head directly: FSDP groups of their own
 
 
 def _decay_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
@@ -91,6 +102,22 @@ class PPOModule(L.LightningModule):
         return self._frozen["ref"]
 
     # -- setup ------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """``trainer=fsdp``: shard the policy, the critic and π₀ (built on the meta device: each rank fills its shard
+        by the seeded init or from its slices of the checkpoint files). The reward models shard when they load."""
+        seed = self.hparams.model_cfg.get("init_seed")
+        configure_sharded(self, self.model, seed=seed)
+        configure_sharded(self, self.ref_model, seed=seed)
+        configure_sharded(self, self.value_model, seed=seed, called=VALUE_CALLS)
+
+    def _shard_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model loaded whole on CPU, sharded onto the strategy's device like the trained ones."""
+        from llama2_lit.models.sharding import mixed_precision_policy
+
+        strategy = sharding_strategy(self)
+        mp = mixed_precision_policy(getattr(strategy, "mixed_precision", "auto"), strategy.root_device.type)
+        return shard_model(model, self.device_mesh["data_parallel"], mp_policy=mp)
+
     def _frozen_dtype(self) -> torch.dtype:
         name = self.opts.get("frozen_dtype", "auto")
         if name == "auto":
@@ -110,18 +137,76 @@ class PPOModule(L.LightningModule):
             return
         from llama2_lit.scoring import GoldScorer, build_scorer
 
-        dtype = self._frozen_dtype()
-        self._frozen["ref"] = self.ref_model.to(self.device, dtype).eval()
-        self.scorer = build_scorer(self.opts, self.tokenizer, self.device,
+        sharded = is_sharded(self.model)
+        # sharded: π₀ and the RMs keep fp32 shards; the strategy's mixed precision sets their compute dtype
+        dtype = next(self.model.parameters()).dtype if sharded else self._frozen_dtype()
+        if not sharded:
+            self._frozen["ref"] = self.ref_model.to(self.device, dtype)
+        self.ref_model.eval()
+        self.scorer = build_scorer(self.opts, self.tokenizer, "cpu" if sharded else self.device,
                                    dtype=str(dtype).replace("torch.", ""), stage="ppo")
         if isinstance(self.scorer, GoldScorer):
             log.warning("ppo.scorer=gold: rewards come from the world's gold functions, a stand-in for reward models")
         else:
-            for m, _ in self.scorer.models.values():
+            for name, (m, tok) in self.scorer.models.items():
                 m.requires_grad_(False)
-        eng = self.opts.get("engine") or {}
-        self.engine = Engine(self.model, self.tokenizer, backend=eng.get("backend", "auto"),
-                             compile=bool(eng.get("compile", False)))
+                if sharded:  # read whole on CPU by each rank, then sharded onto the device
+                    self.scorer.models[name] = (self._shard_frozen(m).eval(), tok)
+        if sharded:
+            log.info("rank %d holds %s parameters of policy, critic, reference%s", self.global_rank,
+                     ", ".join(str(local_numel(m)) for m in self._sharded_models().values()),
+                     "" if isinstance(self.scorer, GoldScorer) else ", reward models")
+        if not (sharded and self._gather()):  # gathered rollouts build an engine per phase (_rollout_engine)
+            eng = self.opts.get("engine") or {}
+            self.engine = Engine(self.model, self.tokenizer, backend=eng.get("backend", "auto"),
+                                 compile=bool(eng.get("compile", False)))
+
+    def _sharded_models(self) -> dict[str, torch.nn.Module]:
+        """Every model of the run by name: ``policy``, ``value``, ``ref`` and the reward models (``rm_<name>``)."""
+        out = {"policy": self.model, "value": self.value_model, "ref": self.ref_model}
+        for name, (m, _) in (getattr(self.scorer, "models", None) or {}).items():
+            out[f"rm_{name}"] = m
+        return out
+
+    def _gather(self) -> bool:
+        return bool(self.opts.get("gather_for_generation", True))
+
+    @contextmanager
+    def _rollout_engine(self):
+        """The generation engine for one rollout phase (training or held-out evaluation).
+
+        Unsharded: the engine over the policy. Sharded, ``ppo.gather_for_generation=true``: the policy's weights
+        all-gathered once (FSDP2 ``unshard``), an engine over the full weights, resharded and freed at the end.
+        ``false``: the engine (``hf`` backend) over the sharded policy; each forward gathers every layer, and the
+        ranks' forwards are kept in step (a rank whose answers ended joins the others' forwards).
+        """
+        if not is_sharded(self.model):
+            yield self.engine
+            return
+        if self._gather():
+            eng = self.opts.get("engine") or {}
+            with gathered(self.model):
+                engine = Engine(self.model, self.tokenizer, backend=eng.get("backend", "auto"),
+                                compile=bool(eng.get("compile", False)))
+                if engine.backend != "llama":
+                    raise UserError("ppo.gather_for_generation=true samples from the gathered weights with the engine's "
+                                    "llama backend, which cannot run this policy (see engine.llama_supported); set "
+                                    "ppo.gather_for_generation=false to sample from the sharded policy")
+                yield engine
+            return
+        pad = torch.full((1, 1), int(self.tokenizer.pad_token_id), device=self.device)
+
+        def idle_forward():
+            with torch.inference_mode():
+                self.model(input_ids=pad, use_cache=False, logits_to_keep=1)
+
+        with lockstep_forwards(self.model, idle_forward):
+            yield self.engine
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """``ok`` on every rank (one process: ``ok``): a skip must be taken by all ranks of a sharded run."""
+        trainer = getattr(self, "_trainer", None)
+        return bool(trainer.strategy.reduce_boolean_decision(ok, all=True)) if trainer is not None else ok
 
     def configure_optimizers(self):
         o = self.opts
@@ -163,9 +248,10 @@ class PPOModule(L.LightningModule):
         is_safety = torch.tensor([bool(p.is_safety) for p in batch])
         temp = float(o["temperature"])
         t0 = time.perf_counter()
-        roll = self.engine.generate(prompts, Sampling(max_new_tokens=int(o["max_new_tokens"]), temperature=temp,
-                                                      top_p=float(o["top_p"]), num_samples=1))
-        texts = self.engine.decode(roll)
+        with self._rollout_engine() as engine:
+            roll = engine.generate(prompts, Sampling(max_new_tokens=int(o["max_new_tokens"]), temperature=temp,
+                                                     top_p=float(o["top_p"]), num_samples=1))
+            texts = engine.decode(roll)
         t_gen = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -175,7 +261,7 @@ class PPOModule(L.LightningModule):
         thr = float(o["safety_threshold"])
         r_c = gated(helpful, safety, is_safety, thr)  # (B,) float64, sigmoid scale
         by_safety = is_safety | (safety < thr) if not torch.isnan(safety).all() else torch.zeros_like(is_safety)
-        if not torch.isfinite(r_c).all():
+        if not self._all_ranks(bool(torch.isfinite(r_c).all())):
             return self._skip(f"{int((~torch.isfinite(r_c)).sum())} non-finite rewards")
         score = logit(r_c, float(o["logit_eps"]))
         mode = o.get("whiten_rewards", "batch")
@@ -259,7 +345,7 @@ class PPOModule(L.LightningModule):
                     v = token_values(self.value_model, ids[r], mask[r], pos[r], last=t + 1)[:, :-1]
                     vl = value_loss(v, old_v[r], ret[r], rmask[r], float(o["value_clip"]))
                     loss = (pg + float(o["vf_coef"]) * vl) * w
-                    if not torch.isfinite(loss):
+                    if not self._all_ranks(bool(torch.isfinite(loss))):
                         opt.zero_grad()
                         return None
                     self.manual_backward(loss)
@@ -267,8 +353,9 @@ class PPOModule(L.LightningModule):
                                  ("ppo/approx_kl", akl), ("ppo/entropy", ent)):
                         parts[k] += float(x.detach()) * float(w)
                 clip = float(o["grad_clip"])
-                if clip > 0:
-                    parts["ppo/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+                if clip > 0:  # sharded: DTensor gradients, whose norm clip_grad_norm_ reduces over the ranks
+                    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                    parts["ppo/grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                     torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), clip)
                 opt.step()
                 steps += 1
@@ -313,9 +400,10 @@ class PPOModule(L.LightningModule):
         from llama2_lit.scoring import gated
 
         prompts = [p.text for p in batch]
-        roll = self.engine.generate(prompts, Sampling(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                      seed=int(self.opts.get("seed") or 0) + batch_idx))
-        texts = self.engine.decode(roll)
+        with self._rollout_engine() as engine:
+            roll = engine.generate(prompts, Sampling(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                     seed=int(self.opts.get("seed") or 0) + batch_idx))
+            texts = engine.decode(roll)
         is_safety = torch.tensor([bool(p.is_safety) for p in batch])
         helpful, safety = self.scorer(prompts, texts)
         r_c = gated(helpful, safety, is_safety, float(self.opts["safety_threshold"]))
