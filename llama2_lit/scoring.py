@@ -48,17 +48,21 @@ class RMScorer:
     Each RM renders prompt and response with its own tokenizer's chat template from text, so a reward model
     whose tokenizer differs from the policy's scores correctly: responses are re-tokenised through text.
     Without a safety RM, the reward is the helpfulness score (no gating).
+
+    ``on_meta``: the models are built on the meta device and no weight is read (``models.reward.load_exported``):
+    a sharded run (``trainer=fsdp``) shards them and fills each rank's shard from the folders' safetensors files.
     """
 
     def __init__(self, helpfulness: str, safety: str | None, policy_tokenizer, batch_size: int = 32,
-                 max_length: int | None = None, device: str | torch.device = "cpu", dtype: str = "float32"):
+                 max_length: int | None = None, device: str | torch.device = "cpu", dtype: str = "float32",
+                 on_meta: bool = False):
         from llama2_lit.models.reward import load_exported
 
         self.paths = {"helpfulness": str(helpfulness), "safety": str(safety) if safety else None}
         self.batch_size, self.max_length = batch_size, max_length
-        self.models = {"helpfulness": load_exported(helpfulness, dtype=dtype, device=device)}
+        self.models = {"helpfulness": load_exported(helpfulness, dtype=dtype, device=device, on_meta=on_meta)}
         if safety:
-            self.models["safety"] = load_exported(safety, dtype=dtype, device=device)
+            self.models["safety"] = load_exported(safety, dtype=dtype, device=device, on_meta=on_meta)
         mine = tokenizer_fingerprint(policy_tokenizer)
         for name, (_, tok) in self.models.items():
             if getattr(tok, "chat_template", None) is None:
@@ -90,9 +94,10 @@ def gated(helpful: torch.Tensor, safety: torch.Tensor, is_safety: torch.Tensor, 
     return safety_gated_reward(safety, helpful, is_safety.bool(), threshold)
 
 
-def build_scorer(rs: Mapping[str, Any], policy_tokenizer, device, dtype: str = "float32", stage: str = "rs") -> GoldScorer | RMScorer:
+def build_scorer(rs: Mapping[str, Any], policy_tokenizer, device, dtype: str = "float32", stage: str = "rs",
+                 on_meta: bool = False) -> GoldScorer | RMScorer:
     """The scorer ``rs`` (a stage's options: ``scorer``, ``reward_models``, ``rm_batch_size``, ``rm_max_length``)
-    describes; ``stage`` names the option prefix in error messages."""
+    describes; ``stage`` names the option prefix in error messages; ``on_meta``: see :class:`RMScorer`."""
     kind = rs["scorer"]
     if kind not in SCORERS:
         raise UserError(f"{stage}.scorer: unknown '{kind}' (choose {list(SCORERS)})")
@@ -103,7 +108,7 @@ def build_scorer(rs: Mapping[str, Any], policy_tokenizer, device, dtype: str = "
         raise UserError(f"{stage}.scorer=rm needs {stage}.reward_models.helpfulness=<a stage=rm run>/hf (and "
                         f"{stage}.reward_models.safety=...), or {stage}.scorer=gold on the synthetic world")
     return RMScorer(rms["helpfulness"], rms.get("safety"), policy_tokenizer, batch_size=int(rs["rm_batch_size"]),
-                    max_length=rs.get("rm_max_length"), device=device, dtype=dtype)
+                    max_length=rs.get("rm_max_length"), device=device, dtype=dtype, on_meta=on_meta)
 
 
 def folder_fingerprint(path: str | None) -> list:

@@ -221,21 +221,87 @@ GEN_PROMPTS = ["What is 2 + 3?", "Name a colour.", "Say hello to the world, plea
 GEN = dict(max_new_tokens=8, temperature=1.0, seed=5)
 
 
+class _CountingHandle:
+    """A ``safe_open`` handle that adds the elements each read returns to ``counts[<the file's folder name>]``."""
+
+    def __init__(self, handle, counts: dict, folder: str):
+        self.handle, self.counts, self.folder = handle, counts, folder
+
+    def __enter__(self):
+        self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def _count(self, t: torch.Tensor) -> torch.Tensor:
+        self.counts[self.folder] = self.counts.get(self.folder, 0) + t.numel()
+        return t
+
+    def get_tensor(self, name):
+        return self._count(self.handle.get_tensor(name))
+
+    def get_slice(self, name):
+        piece, count = self.handle.get_slice(name), self._count
+
+        class Slice:
+            def get_shape(self):
+                return piece.get_shape()
+
+            def __getitem__(self, index):
+                return count(piece[index])
+
+        return Slice()
+
+
 class PPOProbe(L.Callback):
     """Per rank, before PPO trains: the parameters it holds of every model, every model's gathered full weights
-    (rank 0 saves them), and its own prompts' answers sampled with gathered weights and from the sharded policy."""
+    (rank 0 saves them), and its own prompts' answers sampled with gathered weights and from the sharded policy.
+    While the reward models load (from the first ``on_validation_start`` or ``on_fit_start``, which run before the
+    module's: the run validates before fitting): the elements read from each folder's safetensors files and the
+    number of whole-model ``from_pretrained`` loads of a sequence classifier."""
+
+    def on_validation_start(self, trainer, pl_module):
+        self._watch()
+
+    def on_fit_start(self, trainer, pl_module):
+        self._watch()
+
+    def _watch(self):
+        from unittest import mock
+
+        import safetensors
+        from transformers import AutoModelForSequenceClassification
+
+        if hasattr(self, "read"):
+            return
+        self.read: dict[str, int] = {}
+        real_open = safetensors.safe_open
+        self.patches = [
+            mock.patch.object(safetensors, "safe_open", lambda filename, *a, **k: _CountingHandle(
+                real_open(filename, *a, **k), self.read, Path(filename).parent.name)),
+            mock.patch.object(AutoModelForSequenceClassification, "from_pretrained",
+                              wraps=AutoModelForSequenceClassification.from_pretrained)]
+        self.whole = self.patches[1].start()
+        self.patches[0].start()
 
     def on_train_start(self, trainer, pl_module):
         from llama2_lit.engine import Engine, Sampling
         from llama2_lit.models.sharding import fsdp_modules, local_numel
 
+        for patch in self.patches:
+            patch.stop()
         rank, out = trainer.global_rank, Path(trainer.default_root_dir)
         models = pl_module._sharded_models()
         for m in models.values():  # a forward leaves the last layer gathered (it does not reshard after forward)
             for mod in fsdp_modules(m):
                 mod.reshard()
         rec = {"world": trainer.world_size, "local": {k: local_numel(m) for k, m in models.items()},
-               "total": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}}
+               "total": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+               "rm_read": self.read, "rm_whole_loads": self.whole.call_count}
         full = {f"{k}/{n}": p.full_tensor().detach().cpu() for k, m in models.items() for n, p in m.named_parameters()}
         if trainer.is_global_zero:
             torch.save(full, out / "full_weights.pt")
@@ -272,6 +338,13 @@ def test_ppo_sharded_on_two_processes_gathers_for_generation_and_loads_shard_by_
         assert abs(r[0]["local"][k] - total / 2) <= 0.02 * total, k
     print("\nparameters per rank (rank 0 / rank 1 / total): " + ", ".join(
         f"{k} {r[0]['local'][k]}/{r[1]['local'][k]}/{t}" for k, t in r[0]["total"].items()))
+    # the reward models: built on meta, never loaded whole; each rank read from an RM's safetensors files exactly
+    # the elements of its own shard (about half), nothing from any other file while they loaded
+    for rank in (0, 1):
+        assert r[rank]["rm_whole_loads"] == 0
+        assert r[rank]["rm_read"] == {n: r[rank]["local"][f"rm_{n}"] for n in ("helpfulness", "safety")}
+    print("reward-model elements read from safetensors per rank (rank 0 / rank 1 / total): " + ", ".join(
+        f"{n} {r[0]['rm_read'][n]}/{r[1]['rm_read'][n]}/{r[0]['total'][f'rm_{n}']}" for n in ("helpfulness", "safety")))
 
     # sharded loading: each rank read its own rows of the safetensors files; gathered, the weights are the files'
     full = torch.load(run_dir / "full_weights.pt")
@@ -281,6 +354,8 @@ def test_ppo_sharded_on_two_processes_gathers_for_generation_and_loads_shard_by_
         saved = load_file(parts / folder / "model.safetensors")
         mine = {k.split("/", 1)[1]: v for k, v in full.items() if k.startswith(model + "/")}
         assert mine and all(torch.equal(v, saved[k]) for k, v in mine.items()), model
+        if model.startswith("rm_"):  # every tensor of the RM's files, bit for bit
+            assert mine.keys() == saved.keys() and all(v.dtype == saved[k].dtype for k, v in mine.items()), model
     whole = AutoModelForCausalLM.from_pretrained(parts / "policy").eval()  # the same checkpoint read whole
     assert all(torch.equal(full[f"policy/{k}"], v) for k, v in whole.named_parameters())
 
@@ -295,3 +370,33 @@ def test_ppo_sharded_on_two_processes_gathers_for_generation_and_loads_shard_by_
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, whole.model.layers[0].mlp.up_proj.weight)
     print(f"sharded PPO run (2 iterations) took {took:.0f} s; generation with gathered weights equals unsharded")
+
+
+def test_reward_model_built_on_meta_and_filled_from_its_files_scores_as_from_pretrained(parts, tmp_path):
+    """The sharded path's reward model (``load_exported(on_meta=True)``: config only, weights from the folder's
+    safetensors by ``load_safetensors_``) is the whole-read model, tensor for tensor and score for score; a folder
+    whose files lack the scalar head is refused rather than given a fresh head."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llama2_lit.errors import UserError
+    from llama2_lit.models.init import has_meta, materialize_
+    from llama2_lit.models.reward import load_exported, score
+    from llama2_lit.models.sharding import load_safetensors_
+
+    whole, tok = load_exported(parts / "helpfulness")
+    meta, tok2 = load_exported(parts / "helpfulness", on_meta=True)
+    assert has_meta(meta) and not meta.training and meta.config._attn_implementation == whole.config._attn_implementation
+    load_safetensors_(materialize_(meta, "cpu"), meta.checkpoint_source)
+    assert whole.state_dict().keys() == meta.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), meta.state_dict().values()))
+    prompts, answers = ["What is 2 + 3?", "Name a colour."], ["5", "blue, I think"]
+    assert torch.equal(score(whole, tok, prompts, answers), score(meta, tok2, prompts, answers))
+
+    headless = tmp_path / "headless"
+    shutil.copytree(parts / "helpfulness", headless)
+    tensors = {k: v for k, v in load_file(headless / "model.safetensors").items() if not k.startswith("score.")}
+    save_file(tensors, headless / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="lack 1 parameters .score.weight"):
+        load_exported(headless, on_meta=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification,
-                          PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                          LlamaForSequenceClassification, PreTrainedTokenizerBase)
 
 from data_modules.pairwise import encode_response, pad_right
 from llama2_lit.errors import UserError
@@ -153,17 +153,53 @@ def export_reward_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
     return path
 
 
-def load_exported(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` of an exported reward model folder, in eval mode."""
+def load_exported(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
+                  on_meta: bool = False):
+    """``(model, tokenizer)`` of an exported reward model folder, in eval mode.
+
+    ``on_meta``: no weight is read; the model is built from the folder's config on the meta device (``device`` is
+    ignored) and records the folder (``checkpoint_source``), so that a sharded run (``trainer=fsdp``) fills each
+    rank's shard from its rows of the ``*.safetensors`` files (``models.sharding.load_safetensors_``). Only the
+    files' headers are read here, to check that they hold every parameter (the scalar head above all).
+    """
     src = resolve_path(str(path), "reward model path")
     try:
         tok = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForSequenceClassification.from_pretrained(src, dtype=torch_dtype(dtype),
-                                                                   use_safetensors=True, trust_remote_code=False)
+        if on_meta:
+            config = AutoConfig.from_pretrained(src, trust_remote_code=False)
+            with torch.device("meta"):
+                model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False)
+            model = model.to(torch_dtype(dtype))
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(src, dtype=torch_dtype(dtype),
+                                                                       use_safetensors=True, trust_remote_code=False)
     except OSError as e:
         raise UserError(f"could not load a reward model from '{path}': {e}{pickled_only(src)}") from None
     if model.config.num_labels != 1:
         raise UserError(f"{path}: not a scalar reward model (num_labels={model.config.num_labels})")
     if model.config.pad_token_id is None or model.config.pad_token_id != tok.pad_token_id:
         raise UserError(f"{path}: config pad_token_id {model.config.pad_token_id} != tokenizer's {tok.pad_token_id}")
+    if on_meta:
+        _check_tensors(model, src, path)
+        model.checkpoint_source = src
+        return model.eval(), tok
     return model.to(device).eval(), tok
+
+
+def _check_tensors(model: torch.nn.Module, src: str, path) -> None:
+    """Every parameter of ``model`` is a tensor of the folder's ``*.safetensors`` files (headers only are read):
+    the shard-by-shard reader would otherwise give a missing scalar head a fresh init."""
+    from safetensors import safe_open
+
+    files = sorted(Path(src).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"could not load a reward model from '{path}': no *.safetensors files (a sharded run reads "
+                        f"reward models shard by shard from safetensors only){pickled_only(src)}")
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            keys.update(handle.keys())
+    missing = [n for n, _ in model.named_parameters() if n not in keys]
+    if missing:
+        raise UserError(f"{path}: the reward model's safetensors files lack {len(missing)} parameters "
+                        f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")

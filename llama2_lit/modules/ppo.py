@@ -111,12 +111,17 @@ class PPOModule(L.LightningModule):
         configure_sharded(self, self.value_model, seed=seed, called=VALUE_CALLS)
 
     def _shard_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A frozen model loaded whole on CPU, sharded onto the strategy's device like the trained ones."""
-        from llama2_lit.models.sharding import mixed_precision_policy
+        """A reward model built on the meta device (``load_exported(on_meta=True)``), sharded onto the strategy's
+        device like the trained ones; each rank then reads only its rows of the RM folder's safetensors files, so
+        no rank holds a whole reward model."""
+        from llama2_lit.models.init import materialize_
+        from llama2_lit.models.sharding import load_safetensors_, mixed_precision_policy
 
         strategy = sharding_strategy(self)
         mp = mixed_precision_policy(getattr(strategy, "mixed_precision", "auto"), strategy.root_device.type)
-        return shard_model(model, self.device_mesh["data_parallel"], mp_policy=mp)
+        shard_model(model, self.device_mesh["data_parallel"], mp_policy=mp)
+        materialize_(model, strategy.root_device)
+        return load_safetensors_(model, model.checkpoint_source)
 
     def _frozen_dtype(self) -> torch.dtype:
         name = self.opts.get("frozen_dtype", "auto")
@@ -144,13 +149,13 @@ class PPOModule(L.LightningModule):
             self._frozen["ref"] = self.ref_model.to(self.device, dtype)
         self.ref_model.eval()
         self.scorer = build_scorer(self.opts, self.tokenizer, "cpu" if sharded else self.device,
-                                   dtype=str(dtype).replace("torch.", ""), stage="ppo")
+                                   dtype=str(dtype).replace("torch.", ""), stage="ppo", on_meta=sharded)
         if isinstance(self.scorer, GoldScorer):
             log.warning("ppo.scorer=gold: rewards come from the world's gold functions, a stand-in for reward models")
         else:
             for name, (m, tok) in self.scorer.models.items():
                 m.requires_grad_(False)
-                if sharded:  # read whole on CPU by each rank, then sharded onto the device
+                if sharded:  # built on meta, sharded, each rank's shard read from the RM folder
                     self.scorer.models[name] = (self._shard_frozen(m).eval(), tok)
         if sharded:
             log.info("rank %d holds %s parameters of policy, critic, reference%s", self.global_rank,
