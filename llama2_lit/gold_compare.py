@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from callbacks.gold_eval import mean_and_se
 from llama2_lit import world
 
 
@@ -29,21 +30,26 @@ def paired_difference(base: Sequence[float], other: Sequence[float]) -> tuple[fl
     """Mean of ``other - base`` per prompt and its standard error (sample sd / sqrt(n); 0 for one prompt)."""
     if len(base) != len(other) or not base:
         raise ValueError(f"paired scores need the same non-zero number of prompts, got {len(base)} and {len(other)}")
-    d = torch.tensor(other, dtype=torch.float64) - torch.tensor(base, dtype=torch.float64)
-    se = d.std().item() / len(d) ** 0.5 if len(d) > 1 else 0.0
-    return d.mean().item(), se
+    return mean_and_se([o - b for b, o in zip(base, other)])
 
 
-def score_policy(path: str, prompts: Sequence[str], k: int, max_new_tokens: int, seed: int) -> dict[str, list[float]]:
-    """Per-prompt gold helpfulness of greedy answers and of the mean over ``k`` samples; greedy gold safety."""
+def _engine(path: str):
+    """``(engine, tokenizer)`` over the policy in ``path`` (an hf/ folder), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llama2_lit.engine import Engine, Sampling
+    from llama2_lit.engine import Engine
     from llama2_lit.models.loading import resolve_path
 
     src = resolve_path(path, "policy")
     tok = AutoTokenizer.from_pretrained(src)
-    engine = Engine(AutoModelForCausalLM.from_pretrained(src).eval(), tok)
+    return Engine(AutoModelForCausalLM.from_pretrained(src).eval(), tok), tok
+
+
+def score_policy(path: str, prompts: Sequence[str], k: int, max_new_tokens: int, seed: int) -> dict[str, list[float]]:
+    """Per-prompt gold helpfulness of greedy answers and of the mean over ``k`` samples; greedy gold safety."""
+    from llama2_lit.engine import Sampling
+
+    engine, _ = _engine(path)
     greedy = engine.decode(engine.generate(list(prompts), Sampling(max_new_tokens=max_new_tokens, temperature=0.0)))
     sampled = engine.decode(engine.generate(list(prompts), Sampling(max_new_tokens=max_new_tokens, temperature=1.0,
                                                                     num_samples=k, seed=seed)))
@@ -68,16 +74,11 @@ def selection_quality(gold: torch.Tensor, scores: torch.Tensor) -> dict[str, flo
 
 
 def rm_check(policy: str, rm: str, n: int, k: int, seed: int, max_new_tokens: int = 24) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llama2_lit.engine import Engine, Sampling
-    from llama2_lit.models.loading import resolve_path
+    from llama2_lit.engine import Sampling
     from llama2_lit.scoring import RMScorer
 
     prompts = [t.prompt for t in world.generate_tasks(n, seed=seed, split="heldout", safety_fraction=0.0)]
-    src = resolve_path(policy, "policy")
-    tok = AutoTokenizer.from_pretrained(src)
-    engine = Engine(AutoModelForCausalLM.from_pretrained(src).eval(), tok)
+    engine, tok = _engine(policy)
     texts = engine.decode(engine.generate(prompts, Sampling(max_new_tokens=max_new_tokens, temperature=1.0,
                                                             num_samples=k, seed=seed)))
     rep = [p for p in prompts for _ in range(k)]
