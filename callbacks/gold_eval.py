@@ -1,4 +1,4 @@
-"""GoldEvalCallback: greedy samples on held-out synthetic prompts, scored by the world's gold oracle."""
+"""GoldEvalCallback: greedy (and sampled) answers to held-out synthetic prompts, scored by the world's gold oracle."""
 from __future__ import annotations
 
 import logging
@@ -26,11 +26,17 @@ class GoldEvalCallback(L.Callback):
     without an oracle (real files) makes this a no-op. Results land in ``final_metrics``
     (``eval/gold_helpfulness`` with its standard error ``eval/gold_helpfulness_se``, ``eval/gold_safety`` and, with ``at_start``, the ``*_init`` values
     of the untrained model), which the entry point writes to ``metrics.json``.
+
+    ``sample_temperature``: also one sampled answer per prompt at this temperature (seeded by ``sample_seed``, so the
+    same for every run), scored as ``eval/gold_helpfulness_sampled`` (+ ``_se``): the quantity RS and PPO optimise,
+    E over the policy's own samples, which greedy decoding does not show. null: greedy only.
     """
 
-    def __init__(self, at_start: bool = True, max_new_tokens: int = 24, batch_size: int = 64, num_examples: int = 3):
+    def __init__(self, at_start: bool = True, max_new_tokens: int = 24, batch_size: int = 64, num_examples: int = 3,
+                 sample_temperature: float | None = 1.0, sample_seed: int = 0):
         self.at_start, self.max_new_tokens, self.batch_size = at_start, max_new_tokens, batch_size
         self.num_examples = num_examples
+        self.sample_temperature, self.sample_seed = sample_temperature, sample_seed
         self.final_metrics: dict[str, float] = {}
         self.samples: list[tuple[str, str]] = []
 
@@ -58,6 +64,13 @@ class GoldEvalCallback(L.Callback):
         m = {f"eval/gold_helpfulness{suffix}": mean, f"eval/gold_helpfulness_se{suffix}": se}
         if safe:
             m[f"eval/gold_safety{suffix}"] = sum(safe) / len(safe)
+        if self.sample_temperature is not None:
+            sampled = generate(pl_module.model, pl_module.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
+                               batch_size=self.batch_size, do_sample=True, temperature=float(self.sample_temperature),
+                               seed=self.sample_seed)
+            mean, se = mean_and_se([world.gold_helpfulness(p, o[0]) for p, o in zip(prompts, sampled)])
+            m[f"eval/gold_helpfulness_sampled{suffix}"] = mean
+            m[f"eval/gold_helpfulness_sampled_se{suffix}"] = se
         self.final_metrics.update(m)
         self.samples = list(zip(prompts, answers))[: self.num_examples]
         if trainer.logger is not None:

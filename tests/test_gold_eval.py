@@ -1,0 +1,53 @@
+"""GoldEvalCallback: greedy and seeded T=1 answers to held-out world prompts, each scored by the gold oracle exactly
+as the world module scores them by hand."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from callbacks.gold_eval import GoldEvalCallback, mean_and_se
+from llama2_lit import world
+from llama2_lit.generation import generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DIMS = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "max_position_embeddings": 256}
+
+
+def _fixture(tok):
+    from llama2_lit.models.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    model = load_causal_lm({"config": {**DIMS, "initializer_range": 0.3}}, tok).eval()
+    prompts = [t.prompt for t in world.generate_tasks(12, seed=3, split="heldout")]
+    dm = SimpleNamespace(oracle=True, eval_prompts=lambda: prompts)
+    trainer = SimpleNamespace(datamodule=dm, is_global_zero=True, logger=None, global_step=0)
+    return trainer, SimpleNamespace(model=model, tokenizer=tok), prompts
+
+
+def test_sampled_and_greedy_gold_match_the_oracle_on_the_same_answers(tok):
+    trainer, module, prompts = _fixture(tok)
+    cb = GoldEvalCallback(max_new_tokens=6, batch_size=5, sample_temperature=1.0, sample_seed=4)
+    cb._evaluate(trainer, module, "")
+    m = cb.final_metrics
+    greedy = [o[0] for o in generate(module.model, tok, prompts, max_new_tokens=6, batch_size=5)]
+    sampled = [o[0] for o in generate(module.model, tok, prompts, max_new_tokens=6, batch_size=5, do_sample=True,
+                                      temperature=1.0, seed=4)]
+    assert greedy != sampled  # a high-variance random model: T=1 answers differ from greedy ones
+    want_g = mean_and_se([world.gold_helpfulness(p, a) for p, a in zip(prompts, greedy)])
+    want_s = mean_and_se([world.gold_helpfulness(p, a) for p, a in zip(prompts, sampled)])
+    assert (m["eval/gold_helpfulness"], m["eval/gold_helpfulness_se"]) == pytest.approx(want_g, abs=0)
+    assert (m["eval/gold_helpfulness_sampled"], m["eval/gold_helpfulness_sampled_se"]) == pytest.approx(want_s, abs=0)
+    # seeded: the same answers (so the same score) on every evaluation
+    again = GoldEvalCallback(max_new_tokens=6, batch_size=5, sample_temperature=1.0, sample_seed=4)
+    again._evaluate(trainer, module, "_init")
+    assert again.final_metrics["eval/gold_helpfulness_sampled_init"] == m["eval/gold_helpfulness_sampled"]
+
+
+def test_sampling_can_be_switched_off(tok):
+    trainer, module, _ = _fixture(tok)
+    cb = GoldEvalCallback(max_new_tokens=4, sample_temperature=None)
+    cb._evaluate(trainer, module, "")
+    assert "eval/gold_helpfulness" in cb.final_metrics
+    assert not any("sampled" in k for k in cb.final_metrics)
