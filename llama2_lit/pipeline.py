@@ -58,12 +58,18 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
     """The ordered steps of a pipeline (pure: paths and overrides only, nothing runs).
 
     ``p``: the ``pipeline`` options (``root``, ``iterations``, ``ppo_from``, ``<kind>_overrides`` lists, ``seed``,
-    ``collect_previous_policy``: from V2 on, the second answer of each pair comes from the previous policy);
+    ``collect_previous_policy``: from V2 on, the second answer of each pair comes from the previous policy;
+    ``scorer``: ``rm`` (RS and PPO score with the iteration's reward models) or ``gold`` (with the world's gold
+    oracle, the perfect-RM limit; the RMs are still trained and reported));
     ``common``: overrides every step gets (model, seed, paths, ...); ``model_path``: the starting policy, or None to
     run SFT first.
     """
     root = Path(p["root"])
     extra = lambda kind: list(p.get(f"{kind}_overrides") or [])  # noqa: E731
+    scorer = str(p.get("scorer") or "rm")
+    if scorer not in ("rm", "gold"):
+        raise UserError(f"pipeline.scorer: unknown '{scorer}' (choose rm: the trained reward models, or gold: the "
+                        "synthetic world's oracle)")
     steps: list[Step] = []
     if model_path:
         policy = str(model_path)
@@ -93,7 +99,7 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
         steps.append(Step(f"v{k}/rs", k, "rs", v / "rs",
                           ["stage=rs", "data=rs_prompts", *common, f"model.path={policy}", f"rs.iteration={k}",
                            f"rs.bag_dir={root / 'rs_bag'}", f"rs.reward_models.helpfulness={rms['helpfulness']}",
-                           f"rs.reward_models.safety={rms['safety']}", *extra("rs")]))
+                           f"rs.reward_models.safety={rms['safety']}", f"rs.scorer={scorer}", *extra("rs")]))
         d = v / "rs_distill"
         steps.append(Step(f"v{k}/rs_distill", k, "rs_distill", d,
                           ["stage=rs_distill", "data=rs_bag", f"data.path={v / 'rs'}", *common, f"model.path={policy}",
@@ -104,7 +110,8 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
             steps.append(Step(f"v{k}/ppo", k, "ppo", d,
                               ["stage=ppo", *common, f"model.path={policy}",
                                f"ppo.reward_models.helpfulness={rms['helpfulness']}",
-                               f"ppo.reward_models.safety={rms['safety']}", *extra("ppo")], str(d / "hf")))
+                               f"ppo.reward_models.safety={rms['safety']}", f"ppo.scorer={scorer}", *extra("ppo")],
+                              str(d / "hf")))
             policy = str(d / "hf")
     return steps
 
@@ -157,6 +164,7 @@ def _manifest(root: Path, settings: dict[str, Any]) -> None:
     f = root / "pipeline.json"
     if f.is_file():
         old = json.loads(f.read_text())
+        old.setdefault("scorer", "rm")  # pipelines started before pipeline.scorer existed scored with their RMs
         keys = sorted(set(old) | set(settings))
         diff = [k for k in keys if old.get(k) != settings.get(k) and k != "iterations"]
         if diff:
@@ -186,12 +194,16 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
             m = _metrics(last)
             row["gold_helpfulness"] = m.get("eval/gold_helpfulness")
             row["gold_helpfulness_se"] = m.get("eval/gold_helpfulness_se")
+            row["gold_sampled"] = m.get("eval/gold_helpfulness_sampled")
+            row["gold_sampled_se"] = m.get("eval/gold_helpfulness_sampled_se")
             row["gold_safety"] = m.get("eval/gold_safety")
             row["policy"] = last.name
         if k == 1 and 0 not in by_it and "rs_distill" in st:  # a given starting policy: its gold eval at the start
             m = _metrics(st["rs_distill"])
             rows.append({"iteration": 0, "policy": "model.path", "gold_helpfulness": m.get("eval/gold_helpfulness_init"),
                          "gold_helpfulness_se": m.get("eval/gold_helpfulness_se_init"),
+                         "gold_sampled": m.get("eval/gold_helpfulness_sampled_init"),
+                         "gold_sampled_se": m.get("eval/gold_helpfulness_sampled_se_init"),
                          "gold_safety": m.get("eval/gold_safety_init")})
         for reward in ("helpfulness", "safety"):
             m = _metrics(st[f"rm_{reward}"]) if f"rm_{reward}" in st else {}
@@ -205,6 +217,9 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
             if kmax:
                 row["rs_max"], row["rs_median"], row["rs_k"] = m[f"rs/reward_max@{kmax}"], m[
                     f"rs/reward_median@{kmax}"], kmax
+            # on the world: gold of the samples the scorer selected against the mean sample (is the RM worth it?)
+            row["rs_gold_selected"] = m.get("rs/selected_gold_helpfulness_mean")
+            row["rs_gold_mean"] = m.get("rs/gold_helpfulness_mean")
         if "ppo" in st:
             m = _metrics(st["ppo"])
             row["ppo_kl"], row["ppo_val_reward"] = m.get("ppo/kl"), m.get("val/reward")
@@ -214,17 +229,22 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
     def f(x, nd=3):
         return "–" if x is None else f"{x:.{nd}f}"
 
-    def gold(r):  # with its standard error when the run measured one
-        se = r.get("gold_helpfulness_se")
-        return f(r.get("gold_helpfulness")) + ("" if se is None else f" ± {f(se)}")
+    def gold(r, key="gold_helpfulness", se_key="gold_helpfulness_se"):  # with its standard error when measured
+        se = r.get(se_key)
+        return f(r.get(key)) + ("" if se is None else f" ± {f(se)}")
 
-    lines = ["# Pipeline report", "", "| iteration | policy | gold helpfulness | gold safety | RM help acc | "
-             "RM safety acc | RS max@K / median@K | PPO KL | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+    def pair(r, a, b):
+        return f"{f(r.get(a))} / {f(r.get(b))}" if r.get(a) is not None else "–"
+
+    lines = ["# Pipeline report", "", "| iteration | policy | gold helpfulness (greedy) | gold helpfulness (T=1) | "
+             "gold safety | RM help acc | RM safety acc | RS max@K / median@K | RS gold selected / mean | PPO KL | "
+             "minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        rs = f"{f(r.get('rs_max'))} / {f(r.get('rs_median'))}" if r.get("rs_max") is not None else "–"
         lines.append(f"| {r['iteration']} | {r.get('policy', '–')} | {gold(r)} | "
+                     f"{gold(r, 'gold_sampled', 'gold_sampled_se')} | "
                      f"{f(r.get('gold_safety'))} | {f(r.get('rm_helpfulness_acc'))} | {f(r.get('rm_safety_acc'))} | "
-                     f"{rs} | {f(r.get('ppo_kl'))} | {f(r.get('seconds', 0) / 60, 1) if r.get('seconds') else '–'} |")
+                     f"{pair(r, 'rs_max', 'rs_median')} | {pair(r, 'rs_gold_selected', 'rs_gold_mean')} | "
+                     f"{f(r.get('ppo_kl'))} | {f(r.get('seconds', 0) / 60, 1) if r.get('seconds') else '–'} |")
     lines += ["", "Helpfulness RM accuracy by rating bucket (Table 8's columns):", "",
               "| iteration | " + " | ".join(BUCKETS) + " |", "|---|" + "---|" * len(BUCKETS)]
     for r in rows:
@@ -246,10 +266,14 @@ def _figure(rows: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    nan = float("nan")
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     its = [r["iteration"] for r in rows if r.get("gold_helpfulness") is not None]
     ax[0].plot(its, [r["gold_helpfulness"] for r in rows if r.get("gold_helpfulness") is not None], "o-",
                label="gold helpfulness")
+    ax[0].plot(its, [nan if r.get("gold_sampled") is None else r["gold_sampled"] for r in rows
+                     if r.get("gold_helpfulness") is not None], "^-",
+               label="gold helpfulness (T=1 samples)")
     ax[0].plot(its, [r.get("gold_safety") for r in rows if r.get("gold_helpfulness") is not None], "s--",
                label="gold safety (safety prompts)")
     ax[0].set_xlabel("iteration (0 = SFT)")
@@ -282,7 +306,7 @@ def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_
     model_path = cfg.model.get("path")
     steps = plan(p, common, model_path)
     settings = {"model": cfg.model.name, "model_path": model_path, "seed": int(cfg.seed),
-                "iterations": int(p["iterations"]), "ppo_from": int(p["ppo_from"]),
+                "iterations": int(p["iterations"]), "ppo_from": int(p["ppo_from"]), "scorer": p.get("scorer", "rm"),
                 **{k: v for k, v in p.items() if k.endswith("_overrides")}}
     _manifest(root, settings)
     log.info("pipeline %s: %d steps (%s)", root, len(steps), ", ".join(s.name for s in steps))
@@ -295,7 +319,7 @@ def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_
     last = rows[-1]
     first = rows[0]
     metrics = {"pipeline/iterations": float(p["iterations"]), "pipeline/seconds": float(sum(timings.values()))}
-    for key in ("gold_helpfulness", "gold_safety"):
+    for key in ("gold_helpfulness", "gold_sampled", "gold_safety"):
         if last.get(key) is not None:
             metrics[f"pipeline/final_{key}"] = float(last[key])
         if first.get(key) is not None:

@@ -46,6 +46,13 @@ def test_v1_to_v5_order_and_hand_offs(tmp_path):
     # a given starting policy skips SFT
     given = plan(opts(tmp_path, iterations=1), [], "/ckpt/sft")
     assert [s.kind for s in given] == per_it and arg(given[0], "model.path") == "/ckpt/sft"
+    # RS and PPO score with the trained RMs unless pipeline.scorer says gold (the RMs are trained either way)
+    assert arg(by["v1/rs"], "rs.scorer") == "rm" and arg(by["v5/ppo"], "ppo.scorer") == "rm"
+    gold = {s.name: s for s in plan(opts(tmp_path, scorer="gold"), [], None)}
+    assert [s.kind for s in gold.values()] == expected
+    assert arg(gold["v3/rs"], "rs.scorer") == "gold" and arg(gold["v4/ppo"], "ppo.scorer") == "gold"
+    with pytest.raises(UserError, match="pipeline.scorer: unknown 'oracle'"):
+        plan(opts(tmp_path, scorer="oracle"), [], None)
 
 
 def fake_runner(calls, crash_at=None):
@@ -57,8 +64,10 @@ def fake_runner(calls, crash_at=None):
             raise UserError("killed")
         step.dir.mkdir(parents=True, exist_ok=True)
         metrics = {"eval/gold_helpfulness": 0.1 * step.iteration, "eval/gold_safety": 1.0, "val/accuracy": 0.6,
-                   **({"eval/gold_helpfulness_se": 0.012} if step.kind == "ppo" else {}),
-                   "rs/reward_max@16": 0.7, "rs/reward_median@16": 0.5, "ppo/kl": 0.3}
+                   **({"eval/gold_helpfulness_se": 0.012, "eval/gold_helpfulness_sampled": 0.15,
+                       "eval/gold_helpfulness_sampled_se": 0.011} if step.kind == "ppo" else {}),
+                   "rs/reward_max@16": 0.7, "rs/reward_median@16": 0.5, "ppo/kl": 0.3,
+                   "rs/selected_gold_helpfulness_mean": 0.45, "rs/gold_helpfulness_mean": 0.35}
         (step.dir / "metrics.json").write_text(json.dumps(metrics))
     return runner
 
@@ -87,8 +96,10 @@ def test_report_table(tmp_path):
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["gold_helpfulness"] for r in rows] == pytest.approx([0.0, 0.1, 0.2])
     assert rows[2]["policy"] == "v2/ppo" and rows[2]["ppo_kl"] == 0.3 and rows[1]["rs_max"] == 0.7
-    assert "| 1 | v1/rs_distill | 0.100 | 1.000 |" in text  # no standard error measured: none printed
-    assert "| 2 | v2/ppo | 0.200 ± 0.012 | 1.000 | 0.600 | 0.600 | 0.700 / 0.500 | 0.300 | 6.0 |" in text
+    assert "| 1 | v1/rs_distill | 0.100 | – | 1.000 |" in text  # no standard error, no sampled score: none printed
+    assert ("| 2 | v2/ppo | 0.200 ± 0.012 | 0.150 ± 0.011 | 1.000 | 0.600 | 0.600 | 0.700 / 0.500 | 0.450 / 0.350 | "
+            "0.300 | 6.0 |") in text
+    assert rows[2]["gold_sampled"] == 0.15 and rows[1]["rs_gold_selected"] == 0.45
     assert (tmp_path / "report.png").stat().st_size > 0
 
 
@@ -99,6 +110,8 @@ def test_pipeline_dir_of_other_settings_is_refused(make_cfg, tmp_path):
     run(make_cfg(*over, "pipeline.iterations=2", out=tmp_path / "b"), runner=fake_runner([]))  # extending is fine
     with pytest.raises(UserError, match="seed: was 1234, now 5"):
         run(make_cfg(*over, "seed=5", out=tmp_path / "c"), runner=fake_runner([]))
+    with pytest.raises(UserError, match="scorer: was 'rm', now 'gold'"):
+        run(make_cfg(*over, "pipeline.scorer=gold", out=tmp_path / "c"), runner=fake_runner([]))
     with pytest.raises(UserError, match="plain folder name"):
         run(make_cfg("stage=pipeline", "pipeline.name=../../escape", out=tmp_path / "e"), runner=fake_runner([]))
     with pytest.raises(UserError, match="iterations must be >= 1"):
