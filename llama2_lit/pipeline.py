@@ -1,6 +1,7 @@
 """stage=pipeline: iterative RLHF V1..Vn as one resumable command (Llama 2 §3.2.3).
 
-    python -m llama2_lit stage=pipeline pipeline.name=demo pipeline.iterations=3       (make demo)
+    python -m llama2_lit stage=pipeline pipeline.name=demo pipeline.scorer=gold   (make demo: RS/PPO on the gold oracle)
+    python -m llama2_lit stage=pipeline pipeline.name=demo_rm                     (make demo-rm: on the trained RMs)
 
 SFT on the demonstrations (skipped when ``model.path`` is given), then per iteration k = 1..N:
 
