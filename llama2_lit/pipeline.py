@@ -271,7 +271,7 @@ def _figure(rows: list[dict[str, Any]], out: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     its = [r["iteration"] for r in rows if r.get("gold_helpfulness") is not None]
     ax[0].plot(its, [r["gold_helpfulness"] for r in rows if r.get("gold_helpfulness") is not None], "o-",
-               label="gold helpfulness")
+               label="gold helpfulness (greedy)")
     ax[0].plot(its, [nan if r.get("gold_sampled") is None else r["gold_sampled"] for r in rows
                      if r.get("gold_helpfulness") is not None], "^-",
                label="gold helpfulness (T=1 samples)")
@@ -284,6 +284,8 @@ def _figure(rows: list[dict[str, Any]], out: Path) -> None:
     ax[1].plot([r["iteration"] for r in rm], [r["rm_helpfulness_acc"] for r in rm], "o-", label="helpfulness RM")
     ax[1].plot([r["iteration"] for r in rm], [r.get("rm_safety_acc") for r in rm], "s--", label="safety RM")
     ax[1].set_xlabel("iteration")
+    for a in ax:
+        a.xaxis.get_major_locator().set_params(integer=True)
     ax[1].set_title("Reward model validation accuracy")
     ax[1].legend()
     fig.tight_layout()
