@@ -71,6 +71,13 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
     if scorer not in ("rm", "gold"):
         raise UserError(f"pipeline.scorer: unknown '{scorer}' (choose rm: the trained reward models, or gold: the "
                         "synthetic world's oracle)")
+    if scorer == "gold":  # refuse now, not after the first collection and reward models have run
+        for kind in ("common", "collect", "rs", "ppo"):
+            for o in extra(kind) if kind != "common" else common:
+                key, _, value = str(o).partition("=")
+                if key.lstrip("+~") == "data.path" and value != "synthetic":
+                    raise UserError(f"pipeline.scorer=gold scores synthetic-world prompts only, but "
+                                    f"pipeline.{kind}_overrides sets {o}; use pipeline.scorer=rm for other prompts")
     steps: list[Step] = []
     if model_path:
         policy = str(model_path)

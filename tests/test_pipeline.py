@@ -53,6 +53,12 @@ def test_v1_to_v5_order_and_hand_offs(tmp_path):
     assert arg(gold["v3/rs"], "rs.scorer") == "gold" and arg(gold["v4/ppo"], "ppo.scorer") == "gold"
     with pytest.raises(UserError, match="pipeline.scorer: unknown 'oracle'"):
         plan(opts(tmp_path, scorer="oracle"), [], None)
+    # the oracle knows world prompts only: other prompts are refused before anything runs
+    with pytest.raises(UserError, match="pipeline.rs_overrides sets data.path=/my/prompts.jsonl"):
+        plan(opts(tmp_path, scorer="gold", rs_overrides=["data.path=/my/prompts.jsonl"]), [], None)
+    with pytest.raises(UserError, match="pipeline.common_overrides sets data.path=p.jsonl"):
+        plan(opts(tmp_path, scorer="gold"), ["data.path=p.jsonl"], None)
+    assert plan(opts(tmp_path, scorer="rm", rs_overrides=["data.path=/my/prompts.jsonl"]), [], None)
 
 
 def fake_runner(calls, crash_at=None):
