@@ -41,8 +41,7 @@ from llama2_lit.engine import Engine, Sampling
 from llama2_lit.errors import UserError
 from llama2_lit.losses import explained_variance, masked_entropy, ppo_policy_loss, token_logprobs, value_loss
 from llama2_lit.models.loading import load_causal_lm
-from llama2_lit.models.sharding import (configure_sharded, gathered, is_sharded, local_numel, lockstep_forwards,
-                                        shard_model, sharding_strategy)
+from llama2_lit.models.sharding import configure_sharded, gathered, is_sharded, local_numel, lockstep_forwards
 from llama2_lit.models.value import load_value_model, token_values
 from llama2_lit.rewards import RunningMoments, gae, kl_penalty, logit, token_rewards, whiten
 
@@ -110,19 +109,6 @@ class PPOModule(L.LightningModule):
         configure_sharded(self, self.ref_model, seed=seed)
         configure_sharded(self, self.value_model, seed=seed, called=VALUE_CALLS)
 
-    def _shard_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A reward model built on the meta device (``load_exported(on_meta=True)``), sharded onto the strategy's
-        device like the trained ones; each rank then reads only its rows of the RM folder's safetensors files, so
-        no rank holds a whole reward model."""
-        from llama2_lit.models.init import materialize_
-        from llama2_lit.models.sharding import load_safetensors_, mixed_precision_policy
-
-        strategy = sharding_strategy(self)
-        mp = mixed_precision_policy(getattr(strategy, "mixed_precision", "auto"), strategy.root_device.type)
-        shard_model(model, self.device_mesh["data_parallel"], mp_policy=mp)
-        materialize_(model, strategy.root_device)
-        return load_safetensors_(model, model.checkpoint_source)
-
     def _frozen_dtype(self) -> torch.dtype:
         name = self.opts.get("frozen_dtype", "auto")
         if name == "auto":
@@ -155,8 +141,9 @@ class PPOModule(L.LightningModule):
         else:
             for name, (m, tok) in self.scorer.models.items():
                 m.requires_grad_(False)
-                if sharded:  # built on meta, sharded, each rank's shard read from the RM folder
-                    self.scorer.models[name] = (self._shard_frozen(m).eval(), tok)
+                if sharded:  # built on meta (load_exported); sharded like the trained models, each rank reading
+                    # only its rows of the RM folder's safetensors files, so no rank holds a whole reward model
+                    self.scorer.models[name] = (configure_sharded(self, m).eval(), tok)
         if sharded:
             log.info("rank %d holds %s parameters of policy, critic, reference%s", self.global_rank,
                      ", ".join(str(local_numel(m)) for m in self._sharded_models().values()),
