@@ -189,16 +189,9 @@ def load_exported(path: str | Path, dtype: str = "float32", device: str | torch.
 def _check_tensors(model: torch.nn.Module, src: str, path) -> None:
     """Every parameter of ``model`` is a tensor of the folder's ``*.safetensors`` files (headers only are read):
     the shard-by-shard reader would otherwise give a missing scalar head a fresh init."""
-    from safetensors import safe_open
+    from llama2_lit.models.sharding import safetensors_index
 
-    files = sorted(Path(src).glob("*.safetensors"))
-    if not files:
-        raise UserError(f"could not load a reward model from '{path}': no *.safetensors files (a sharded run reads "
-                        f"reward models shard by shard from safetensors only){pickled_only(src)}")
-    keys: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            keys.update(handle.keys())
+    keys = safetensors_index(src)
     missing = [n for n, _ in model.named_parameters() if n not in keys]
     if missing:
         raise UserError(f"{path}: the reward model's safetensors files lack {len(missing)} parameters "

@@ -280,17 +280,12 @@ def load_safetensors_(model: nn.Module, folder: str | Path, seed: int = 0) -> nn
 
     from llama2_lit.models.init import _std, seeded_value
 
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder}: no *.safetensors files to read shard by shard (trainer=fsdp loads model "
-                        f"folders in safetensors format only){_pickled_hint(folder)}")
+    index = safetensors_index(folder)
     base = _base(model)
     std = _std(base)
     with ExitStack() as stack:
-        where = {}
-        for f in files:
-            handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-            where.update(dict.fromkeys(handle.keys(), handle))
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in set(index.values())}
+        where = {key: handles[f] for key, f in index.items()}
         with torch.no_grad():
             for name, param in base.named_parameters():  # remove_duplicate: a tied weight once
                 key = name.replace(".base_layer.", ".")  # peft keeps the wrapped Linear's weight under base_layer
@@ -311,10 +306,22 @@ def load_safetensors_(model: nn.Module, folder: str | Path, seed: int = 0) -> nn
     return model
 
 
-def _pickled_hint(folder) -> str:
+def safetensors_index(folder: str | Path) -> dict[str, Path]:
+    """Tensor name -> the ``*.safetensors`` file of ``folder`` that holds it (headers only are read); a folder
+    without such files is an error (sharded runs read weights slice by slice, which only safetensors allows)."""
+    from safetensors import safe_open
+
     from llama2_lit.models.loading import pickled_only
 
-    return pickled_only(str(folder))
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no *.safetensors files to read shard by shard (trainer=fsdp loads model "
+                        f"folders in safetensors format only){pickled_only(str(folder))}")
+    index: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            index.update(dict.fromkeys(handle.keys(), f))
+    return index
 
 
 # -- rollouts of a sharded policy ------------------------------------------------------------------------------
@@ -472,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__: list[Any] = ["FSDP2Strategy", "configure_sharded", "consolidate", "decoder_layers", "gather_full_", "gathered",
-                      "load_safetensors_", "local_numel", "lockstep_forwards", "mixed_precision_policy", "shard_model",
+                      "load_safetensors_", "local_numel", "safetensors_index", "lockstep_forwards", "mixed_precision_policy", "shard_model",
                       "sharding_strategy"]
 
 if __name__ == "__main__":
