@@ -72,8 +72,9 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
         raise UserError(f"pipeline.scorer: unknown '{scorer}' (choose rm: the trained reward models, or gold: the "
                         "synthetic world's oracle)")
     if scorer == "gold":  # refuse now, not after the first collection and reward models have run
-        for kind in ("common", "collect", "rs", "ppo"):
-            for o in extra(kind) if kind != "common" else common:
+        for kind, overrides in (("common", common), ("collect", extra("collect")), ("rs", extra("rs")),
+                                ("ppo", extra("ppo"))):
+            for o in overrides:
                 key, _, value = str(o).partition("=")
                 if key.lstrip("+~") == "data.path" and value != "synthetic":
                     raise UserError(f"pipeline.scorer=gold scores synthetic-world prompts only, but "
