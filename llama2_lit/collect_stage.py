@@ -146,14 +146,14 @@ def _load_source(path: str | None, model_cfg: dict, tok, device):
     from llama2_lit.models.loading import load_causal_lm
 
     if path is None:
-        return load_causal_lm(model_cfg, tok).to(device).eval(), tok
+        return load_causal_lm(model_cfg, tok, trainable=False).to(device).eval(), tok
     if (Path(path).expanduser() / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()))
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-    return load_causal_lm({**model_cfg, "path": path}, tok).to(device).eval(), tok
+    return load_causal_lm({**model_cfg, "path": path}, tok, trainable=False).to(device).eval(), tok
 
 
 # ------------------------------------------------------------------------------------------------ the run

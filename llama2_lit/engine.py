@@ -184,18 +184,29 @@ def llama_supported(model) -> str | None:
 class _LlamaRunner:
     """The decoder as tensor ops over the model's own parameters (no copies, except the fused projections)."""
 
-    def __init__(self, model, fuse: bool = True):
+    def __init__(self, model, fuse: bool = True, dtype: torch.dtype | None = None):
+        """``dtype``: run in this dtype over copies of the weights (one per parameter version; e.g. a float32
+        policy sampled in bf16 under bf16-mixed); None: the parameters' own dtype, no copies."""
         base, cfg = model.model, model.config
+        copies: dict[int, torch.Tensor] = {}
+
+        def c(t):  # the weight itself, or its copy in ``dtype`` (tied weights share one copy)
+            if t is None or dtype is None or t.dtype == dtype:
+                return t
+            if t.data_ptr() not in copies:
+                copies[t.data_ptr()] = t.detach().to(dtype)
+            return copies[t.data_ptr()]
+
         self.cfg = cfg
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim ** -0.5
-        self.embed = base.embed_tokens.weight
-        self.norm = base.norm.weight
-        self.lm_head = model.get_output_embeddings().weight
-        self.lm_bias = getattr(model.get_output_embeddings(), "bias", None)
+        self.embed = c(base.embed_tokens.weight)
+        self.norm = c(base.norm.weight)
+        self.lm_head = c(model.get_output_embeddings().weight)
+        self.lm_bias = c(getattr(model.get_output_embeddings(), "bias", None))
         self.rotary = base.rotary_emb
         self.layers = []
         for layer in base.layers:
@@ -203,17 +214,18 @@ class _LlamaRunner:
             biases = None
             if any(getattr(x, "bias", None) is not None for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
                                                                    m.gate_proj, m.up_proj, m.down_proj)):
-                biases = {n: getattr(x, "bias", None) for n, x in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj),
+                biases = {n: c(getattr(x, "bias", None)) for n, x in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj),
                                                                     ("o", a.o_proj), ("g", m.gate_proj),
                                                                     ("u", m.up_proj), ("d", m.down_proj))}
             fuse_here = fuse and biases is None
+            wq, wk, wv, wg, wu = (c(x.weight) for x in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj))
             self.layers.append(_LlamaLayer(
-                ln1=layer.input_layernorm.weight,
-                wqkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) if fuse_here else None,
-                wq=a.q_proj.weight, wk=a.k_proj.weight, wv=a.v_proj.weight, wo=a.o_proj.weight,
-                ln2=layer.post_attention_layernorm.weight,
-                wgu=torch.cat([m.gate_proj.weight, m.up_proj.weight]) if fuse_here else None,
-                wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight, biases=biases))
+                ln1=c(layer.input_layernorm.weight),
+                wqkv=torch.cat([wq, wk, wv]) if fuse_here else None,
+                wq=wq, wk=wk, wv=wv, wo=c(a.o_proj.weight),
+                ln2=c(layer.post_attention_layernorm.weight),
+                wgu=torch.cat([wg, wu]) if fuse_here else None,
+                wg=wg, wu=wu, wd=c(m.down_proj.weight), biases=biases))
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         self.matmul_decode = self.device.type == "cpu"
@@ -354,6 +366,10 @@ class Engine:
         fuse: fuse q/k/v and gate/up projections into one matmul each (a copy of those weights per call).
         check_every: steps between checks that every row has stopped (each check is a host sync).
         compact: drop stopped rows from the batch (eager ``llama`` backend; not with ``compile``).
+
+    Under autocast (Lightning's ``bf16-mixed``: float32 master weights, bf16 compute) the ``llama`` backend samples
+    in the autocast dtype over a copy of the weights made once per parameter version (a PPO iteration), with
+    autocast off inside: the KV cache, RoPE tables and matmuls are then all in that dtype.
     """
 
     def __init__(self, model, tokenizer, backend: str = "auto", compile: bool = False, fuse: bool = True,
@@ -410,7 +426,10 @@ class Engine:
             gen.manual_seed(int(seed))
             ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
             if self.backend == "llama":
-                return self._run_llama(ids, mask, sampling, gen)
+                dev = self.device.type
+                dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+                with torch.autocast(dev, enabled=False):
+                    return self._run_llama(ids, mask, sampling, gen, dtype)
             return self._run_hf(ids, mask, sampling, gen)
         finally:
             model.train(was_training)
@@ -470,12 +489,12 @@ class Engine:
                        response_ids=out, response_mask=live, logprobs=lps,
                        prompt_index=torch.arange(b, device=ids.device).repeat_interleave(k), finished=done)
 
-    def _run_llama(self, ids, mask, sampling: Sampling, gen) -> Rollout:
+    def _run_llama(self, ids, mask, sampling: Sampling, gen, dtype: torch.dtype | None = None) -> Rollout:
         b, p = ids.shape
         k, t_max = sampling.num_samples, sampling.max_new_tokens
         n, s = b * k, p + t_max
         dev = ids.device
-        r = self._runner()
+        r = self._runner(dtype)
         r.rope_table(s)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P) as HF generate (pad positions are never attended)
         valid = mask.bool()
@@ -525,12 +544,14 @@ class Engine:
         out, live, lps, done = self._loop(logits, step, n, sampling, gen, compact=not self.compile and self.compact)
         return self._finish(ids, mask, k, out, live, lps, done)
 
-    def _runner(self) -> _LlamaRunner:
-        """The decoder over the model's parameters; rebuilt only when a parameter changed (the fused
-        projections are copies: an optimizer step, which bumps the parameters' versions, refreshes them)."""
-        sig = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+    def _runner(self, dtype: torch.dtype | None = None) -> _LlamaRunner:
+        """The decoder over the model's parameters (``dtype``: over copies in that dtype); rebuilt only when a
+        parameter changed (the fused projections are copies: an optimizer step, which bumps the parameters'
+        versions, refreshes them)."""
+        sig = (dtype, *((p.data_ptr(), p._version) for p in self.model.parameters()))
         if self._runner_cache is None or self._runner_cache[0] != sig:
-            self._runner_cache = (sig, _LlamaRunner(self.model, fuse=self.fuse))
+            self._runner_cache = None  # free the previous copies first
+            self._runner_cache = (sig, _LlamaRunner(self.model, fuse=self.fuse, dtype=dtype))
         return self._runner_cache[1]
 
     def _static_step(self, r: _LlamaRunner, n: int, s: int):

@@ -83,7 +83,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tok = dm.tokenizer
     device = torch.device(rs.device if rs.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    policy = load_causal_lm(model_cfg, tok).to(device).eval()
+    policy = load_causal_lm(model_cfg, tok, trainable=False).to(device).eval()  # model.dtype
     policy_name = str(model_cfg.get("path") or f"random-init:{model_cfg.get('name')}")
     tok_fp = tokenizer_fingerprint(tok)
     scorer = build_scorer(rs, tok, device)

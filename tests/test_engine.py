@@ -167,6 +167,32 @@ def test_training_mode_is_restored_and_weights_are_live(tok):
     assert not torch.equal(a.response_ids, b.response_ids)
 
 
+def test_float32_weights_under_bf16_autocast_sample_as_the_bf16_model(tok):
+    """bf16-mixed (float32 master weights, autocast bf16): the llama backend samples in bf16 over a copy of the
+    weights, exactly as a bf16 copy of the model does without autocast (the KV cache used to be float32 and the
+    first decode step failed: index_copy_ of bf16 values into a float32 cache); the copy follows the weights."""
+    import copy
+
+    model = tiny(tok, seed=3).train()
+    bf16 = copy.deepcopy(model)
+    for p in bf16.parameters():  # the parameters only: RoPE's inverse frequencies stay float32, as the copy's
+        p.data = p.data.to(torch.bfloat16)
+    ids, mask = batch(tok)
+    s = Sampling(max_new_tokens=8, temperature=1.0, seed=11)
+    eng = Engine(model, tok)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = eng.generate_ids(ids, mask, s)
+    want = Engine(bf16, tok).generate_ids(ids, mask, s)
+    assert torch.equal(got.response_ids, want.response_ids)
+    assert torch.equal(got.logprobs, want.logprobs)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the model itself is untouched
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = eng.generate_ids(ids, mask, s)
+    assert not torch.equal(again.response_ids, got.response_ids)  # a new parameter version: a new copy
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_matches_eager(tok):
     model = tiny(tok)

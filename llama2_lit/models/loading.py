@@ -4,6 +4,7 @@ Weights load through safetensors only and remote code is never trusted.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 from contextlib import nullcontext
@@ -93,6 +94,42 @@ def torch_dtype(name: str) -> torch.dtype:
         raise UserError(f"model.dtype: unknown '{name}' (choose {sorted(_DTYPES)})") from None
 
 
+# Precision policy. A model that trains keeps its parameters, and so AdamW's moments, in float32 (the master
+# weights): a bf16 weight keeps about 3 significant digits, so AdamW steps at the paper's learning rates (1e-6 to
+# 2e-5) mostly round to nothing. bf16 is a compute dtype (Lightning's bf16-mixed autocast; FSDP2's
+# MixedPrecisionPolicy(param_dtype=bf16)). ``model.dtype`` is the dtype of frozen copies (PPO's reference and
+# reward models, RS / collect / evaluation inference) and of the exported hf/ folders.
+MASTER_DTYPE = torch.float32
+
+
+def model_dtype(model_cfg: Mapping[str, Any], trainable: bool = True) -> torch.dtype:
+    """The parameter dtype of a model built from ``model_cfg``: float32 when it trains, else ``model.dtype``."""
+    stored = torch_dtype(model_cfg.get("dtype", "float32"))  # validated either way
+    return MASTER_DTYPE if trainable else stored
+
+
+def save_pretrained_as(model: torch.nn.Module, path: str | Path, dtype: torch.dtype) -> None:
+    """``save_pretrained`` (safetensors) with floating-point weights cast to ``dtype`` (``model.dtype``: exports
+    are stored as the checkpoint the run started from); the model in memory is left as it is. Tied tensors stay
+    tied (one cast per storage)."""
+    if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
+        model.save_pretrained(path, safe_serialization=True)
+        return
+    cast: dict[int, torch.Tensor] = {}
+    state = {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            key = v.data_ptr()
+            if key not in cast:
+                cast[key] = v.detach().to(dtype)
+            v = cast[key]
+        state[k] = v
+    model.save_pretrained(path, state_dict=state, safe_serialization=True)
+    config = copy.deepcopy(model.config)  # save_pretrained recorded the in-memory (float32) dtype
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(path)
+
+
 def llama_config(tokenizer: PreTrainedTokenizerBase, config: Mapping[str, Any]) -> LlamaConfig:
     """A LlamaConfig of the given dimensions whose vocabulary and special ids match ``tokenizer``."""
     dims = dict(config)
@@ -145,7 +182,8 @@ def finish_model(model: torch.nn.Module, model_cfg: Mapping[str, Any], trainable
     return model
 
 
-def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                   trainable: bool = True) -> torch.nn.Module:
     """A ``LlamaForCausalLM`` (or any causal LM) as ``model_cfg`` says.
 
     ``model_cfg.path`` set: load that folder / hub id (safetensors only, no remote code).
@@ -153,8 +191,10 @@ def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerB
     ``attn_implementation: sdpa`` runs as ``sdpa_packed`` (``llama2_lit.models.packed_attention``): identical
     outputs, and packed rows cost the attention of their documents, not of whole rows.
     ``init_device``, ``init``, ``init_seed``: see :func:`init_options`; ``lora``: ``llama2_lit.models.lora``.
+    ``trainable``: parameters in float32 (master weights, whatever ``model.dtype``); False (inference, frozen
+    copies): in ``model.dtype`` (see :data:`MASTER_DTYPE`).
     """
-    dtype = torch_dtype(model_cfg.get("dtype", "float32"))
+    dtype = model_dtype(model_cfg, trainable)
     on_meta, _, _ = init_options(model_cfg)
     attn = model_cfg.get("attn_implementation", "sdpa")
     if attn == "sdpa":  # the same sdpa, but packed rows attend one document at a time (no dense block mask)

@@ -22,14 +22,14 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 
 from data_modules.pairwise import encode_response, pad_right
 from llama2_lit.errors import UserError
-from llama2_lit.models.loading import (finish_model, init_options, llama_config, pickled_only, pretrained_config,
-                                       resolve_path, torch_dtype)
+from llama2_lit.models.loading import (finish_model, init_options, llama_config, model_dtype, pickled_only,
+                                       pretrained_config, resolve_path, save_pretrained_as, torch_dtype)
 
 log = logging.getLogger(__name__)
 
 
 def load_reward_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
-                      freeze_layers: int | None = None) -> torch.nn.Module:
+                      freeze_layers: int | None = None, trainable: bool = True) -> torch.nn.Module:
     """A scalar-head sequence classifier as ``model_cfg`` says.
 
     ``model_cfg.path`` set: a causal LM checkpoint (its LM head is dropped, a new ``score`` head is
@@ -37,11 +37,12 @@ def load_reward_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokeniz
     from ``model_cfg.config`` sized to the tokenizer. ``freeze_layers`` (default ``model_cfg.freeze_layers``,
     else 0): see :func:`freeze_lower_layers`. ``model_cfg.lora.enabled``: LoRA adapters on the transformer,
     the scalar head stays fully trainable; ``init_device``/``init``: see ``loading.init_options``.
+    ``trainable``: float32 parameters (master weights); False: ``model.dtype`` (see ``loading.MASTER_DTYPE``).
     """
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError("reward model: the tokenizer needs a pad token distinct from EOS "
                         "(the score is read at the last non-pad token)")
-    dtype = torch_dtype(model_cfg.get("dtype", "float32"))
+    dtype = model_dtype(model_cfg, trainable)
     attn = model_cfg.get("attn_implementation", "sdpa")
     on_meta, _, _ = init_options(model_cfg)
     path = model_cfg.get("path")
@@ -136,11 +137,12 @@ def score(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: S
 
 
 def export_reward_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path,
-                        metadata: Mapping[str, Any] | None = None) -> Path:
+                        metadata: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Save ``model`` and ``tokenizer`` to ``path`` (``AutoModelForSequenceClassification``-ready).
 
     ``metadata`` (e.g. ``{"reward": "safety", "margin": "small"}``) is stored in ``config.json`` under
-    ``llama2_lit``. Frozen parameters are saved like any other.
+    ``llama2_lit``. Frozen parameters are saved like any other. ``dtype``: the stored weights' dtype
+    (``model.dtype``; default: the parameters' own).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -148,7 +150,7 @@ def export_reward_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
     model.config.num_labels = 1
     if metadata:
         model.config.llama2_lit = dict(metadata)
-    model.save_pretrained(path, safe_serialization=True)
+    save_pretrained_as(model, path, dtype or next(model.parameters()).dtype)
     tokenizer.save_pretrained(path)
     return path
 

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from llama2_lit.errors import UserError
+from llama2_lit.models.loading import model_dtype, save_pretrained_as
 from llama2_lit.models.lora import merge_lora
 from llama2_lit.models.sharding import configure_sharded
 from llama2_lit.modules.sft import SFTModule, token_loss
@@ -81,6 +82,6 @@ class RSDistillModule(L.LightningModule):
         path = Path(path)
         self.sft.model = merge_lora(self.sft.model)
         self.model.config.llama2_lit = {"stage": "rs_distill", "selection": self.selection}
-        self.model.save_pretrained(path)
+        save_pretrained_as(self.model, path, model_dtype(self.hparams.model_cfg, trainable=False))
         self.tokenizer.save_pretrained(path)
         return path

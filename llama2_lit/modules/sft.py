@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from llama2_lit.losses import IGNORE_INDEX, masked_lm_loss
-from llama2_lit.models.loading import load_causal_lm
+from llama2_lit.models.loading import load_causal_lm, model_dtype, save_pretrained_as
 from llama2_lit.models.lora import merge_lora
 from llama2_lit.models.sharding import configure_sharded
 from llama2_lit.modules.optim import adamw_cosine
@@ -81,9 +81,10 @@ class SFTModule(L.LightningModule):
                             warmup_ratio=hp.warmup_ratio, min_lr_ratio=hp.min_lr_ratio)
 
     def export(self, path: str | Path) -> Path:
-        """``hf/``: the causal LM (LoRA adapters merged into its weights) and the tokenizer."""
+        """``hf/``: the causal LM (LoRA adapters merged into its weights, stored in ``model.dtype``) and the
+        tokenizer."""
         path = Path(path)
         self.model = merge_lora(self.model)
-        self.model.save_pretrained(path)
+        save_pretrained_as(self.model, path, model_dtype(self.hparams.model_cfg, trainable=False))
         self.tokenizer.save_pretrained(path)
         return path
