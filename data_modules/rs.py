@@ -140,8 +140,10 @@ class PromptDataModule(L.LightningDataModule):
         import torch
 
         # a position Lightning checkpoints (data_modules/resumable.py); orders are functions of (seed, epoch)
-        if self.num_batches:
-            sampler = CyclingSampler(len(self.prompts()), self.num_batches * self.batch_size, self.seed)
+        if self.num_batches:  # num_batches global batches: batch_size is each rank's share (llama2_lit.batching)
+            world = (torch.distributed.get_world_size()
+                     if torch.distributed.is_available() and torch.distributed.is_initialized() else 1)
+            sampler = CyclingSampler(len(self.prompts()), self.num_batches * self.batch_size * world, self.seed)
             return ResumableDataLoader(self.prompts(), batch_size=self.batch_size, sampler=sampler, collate_fn=list,
                                        num_workers=self.num_workers)
         prompts = self.prompts()

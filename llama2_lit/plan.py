@@ -4,9 +4,10 @@
 The arithmetic is in pure functions over a :class:`Shape`; every figure is bytes per GPU:
 
 - trainable model (FSDP full shard over N GPUs): parameters, gradients and AdamW's two moments, each
-  sharded 1/N, in the bytes the precision implies (``bf16-mixed``: fp32 master weights, fp32 gradients,
-  fp32 moments = 16 bytes/parameter; ``bf16-true``: 2 + 2 + 4 = 8; ``32-true``: 16);
-- frozen models (PPO's reference and reward models): compute-dtype weights, sharded 1/N;
+  sharded 1/N, always float32 (the master weights: ``llama2_lit.models.loading.MASTER_DTYPE``): 16 bytes per
+  parameter whatever the compute precision;
+- frozen models (PPO's reference and reward models, RS's policy and RMs): weights in the dtype they are held in
+  (``model.dtype`` / ``ppo.frozen_dtype``), sharded 1/N;
 - gathered units: FSDP all-gathers one decoder layer at a time in the compute dtype, plus one prefetched;
 - activations for one micro-batch (sdpa/flash attention: no s² term). Per decoder layer a Llama layer
   keeps about ``7h + 3h_kv + 4f`` values per token for backward (norm inputs/outputs, q/k/v and rotated
@@ -26,10 +27,10 @@ from typing import Any, Mapping
 
 GIB = 1024 ** 3
 
-# bytes per parameter of a trainable model: (weights, gradients, optimizer moments)
-TRAIN_BYTES = {"bf16-mixed": (4, 4, 8), "16-mixed": (4, 4, 8), "32-true": (4, 4, 8), "32": (4, 4, 8),
-               "bf16-true": (2, 2, 4), "16-true": (2, 2, 4)}
-COMPUTE_BYTES = {"bf16-mixed": 2, "16-mixed": 2, "bf16-true": 2, "16-true": 2, "32-true": 4, "32": 4}
+# bytes per parameter of a trainable model: (weights, gradients, optimizer moments): float32 master weights
+TRAIN_BYTES = (4, 4, 8)
+COMPUTE_BYTES = {"bf16-mixed": 2, "16-mixed": 2, "32-true": 4, "32": 4}
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,20 @@ def activation_bytes(s: Shape, tokens: int, checkpointing: bool, dtype_bytes: in
 def plan_memory(trainable: Mapping[str, Shape], frozen: Mapping[str, Shape], gpus: int, gpu_memory_gib: float,
                 precision: str = "bf16-mixed", micro_batch: int = 1, seq_len: int = 4096,
                 checkpointing: bool = True, generation: Mapping[str, int] | None = None,
-                offload: bool = False, overhead_gib: float = 2.0, gpus_per_node: int = 8) -> Plan:
+                offload: bool = False, overhead_gib: float = 2.0, gpus_per_node: int = 8,
+                frozen_bytes: int | None = None) -> Plan:
     """Per-GPU bytes by component for FSDP full sharding over ``gpus`` GPUs.
 
+    frozen_bytes: bytes per parameter of the frozen models (their dtype); default: the compute dtype's.
     trainable / frozen: name -> Shape. generation: ``{"policy": name, "batch": b, "length": prompt + new}``
     for stages that sample (the named model is consolidated once per node of ``gpus_per_node`` GPUs).
     offload: parameters, gradients and optimizer states live in CPU memory (only gathered units on GPU).
     """
-    if precision not in TRAIN_BYTES:
-        raise ValueError(f"precision '{precision}' not planned (choose {sorted(TRAIN_BYTES)})")
-    w, g, o = TRAIN_BYTES[precision]
+    if precision not in COMPUTE_BYTES:
+        raise ValueError(f"precision '{precision}' not planned (choose {sorted(COMPUTE_BYTES)})")
+    w, g, o = TRAIN_BYTES
     cb = COMPUTE_BYTES[precision]
+    fb = int(frozen_bytes or cb)
     plan = Plan(gpus=gpus, gpu_memory_gib=gpu_memory_gib)
     c = plan.components
     all_models = {**trainable, **frozen}
@@ -117,7 +121,7 @@ def plan_memory(trainable: Mapping[str, Shape], frozen: Mapping[str, Shape], gpu
             c[f"{name}: gradients"] = s.params * g / gpus
             c[f"{name}: optimizer"] = s.params * o / gpus
     for name, s in frozen.items():
-        c[f"{name}: frozen weights"] = 0.0 if offload else s.params * cb / gpus
+        c[f"{name}: frozen weights"] = 0.0 if offload else s.params * fb / gpus
     biggest = max(all_models.values(), key=lambda s: s.layer_params)
     c["gathered layers (current + prefetch)"] = 2 * biggest.layer_params * cb
     if trainable:
@@ -190,7 +194,24 @@ def plan_from_cfg(cfg) -> tuple[Plan, int | None, str]:
     s = _shape(model_cfg)
     stage = cfg.stage.name
     seq_len = int(cfg.stage.get("seq_len", 4096))
+    devices = cfg.trainer.get("devices", 1)
+    per_node = int(pc.get("gpus_per_node") or (devices if isinstance(devices, int) and devices > 0 else 8))
+    gpus = int(pc.get("gpus") or per_node * int(cfg.trainer.get("num_nodes", 1) or 1))
+    sizes = None
     micro = int(cfg.stage.get("batch_size", 1))
+    if cfg.stage.get("module") is not None and stage not in ("rs", "collect", "pipeline"):
+        from llama2_lit.batching import BatchSplit, plan_sizes
+
+        stage_d = OmegaConf.to_container(cfg.stage, resolve=True)
+        ppo_d = OmegaConf.to_container(cfg.ppo, resolve=True) if cfg.get("ppo") is not None else None
+        acc = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+        sizes = plan_sizes(stage_d, ppo_d, gpus, micro=cfg.trainer.get("micro_batch_size"),
+                           accumulate=None if acc == 1 else acc)
+        if isinstance(sizes, BatchSplit):
+            micro = sizes.micro  # rows (sft) or pairs (rm) per forward on one GPU
+    frozen_dtype = str(model_cfg.get("dtype", "float32"))
+    if stage == "ppo" and str((cfg.get("ppo") or {}).get("frozen_dtype", "auto")) != "auto":
+        frozen_dtype = str(cfg.ppo.frozen_dtype)
     gen = None
     if stage == "rm":
         trainable, frozen = {"reward model": _rm_shape(s)}, {}
@@ -206,9 +227,6 @@ def plan_from_cfg(cfg) -> tuple[Plan, int | None, str]:
         gen = {"policy": "policy", "batch": int(pc.get("generation_batch") or micro), "length": seq_len}
     else:
         trainable, frozen = {"policy": s}, {}
-    devices = cfg.trainer.get("devices", 1)
-    per_node = int(pc.get("gpus_per_node") or (devices if isinstance(devices, int) and devices > 0 else 8))
-    gpus = int(pc.get("gpus") or per_node * int(cfg.trainer.get("num_nodes", 1) or 1))
     precision = str(cfg.trainer.get("precision", "bf16-mixed"))
     strategy = cfg.trainer.get("strategy")
     mixed = strategy.get("mixed_precision") if hasattr(strategy, "get") else None
@@ -216,7 +234,8 @@ def plan_from_cfg(cfg) -> tuple[Plan, int | None, str]:
         precision = "bf16-mixed"  # trainer=fsdp: FSDP2's bf16 policy (fp32 shards, gradients, moments; bf16 compute)
     kwargs = dict(gpu_memory_gib=float(pc.get("gpu_memory_gib", 80)), precision=precision, micro_batch=micro,
                   seq_len=seq_len, checkpointing=bool(model_cfg.get("gradient_checkpointing", False)),
-                  generation=gen, offload=bool(pc.get("offload", False)), gpus_per_node=per_node)
+                  generation=gen, offload=bool(pc.get("offload", False)), gpus_per_node=per_node,
+                  frozen_bytes=DTYPE_BYTES.get(frozen_dtype))
     def at(n: int) -> Plan:
         return plan_memory(trainable, frozen, gpus=n, **kwargs)
 
@@ -224,7 +243,11 @@ def plan_from_cfg(cfg) -> tuple[Plan, int | None, str]:
     need = smallest_fit(at)
     counts = ", ".join(f"{k} {v.params:,}" for k, v in {**trainable, **frozen}.items())
     title = (f"memory plan: stage={stage} model={model_cfg.get('name')} ({counts} parameters), "
-             f"precision={precision}, micro-batch {micro} x {seq_len} tokens, activation checkpointing "
-             f"{'on' if kwargs['checkpointing'] else 'off'}, {gpus} GPUs of {kwargs['gpu_memory_gib']:.0f} GiB")
+             f"precision={precision} (float32 master weights, frozen models in {frozen_dtype}), micro-batch {micro} x "
+             f"{seq_len} tokens, activation checkpointing {'on' if kwargs['checkpointing'] else 'off'}, {gpus} GPUs "
+             f"of {kwargs['gpu_memory_gib']:.0f} GiB")
+    if sizes is not None:
+        title += "\nbatch: " + (sizes.describe() if not hasattr(sizes, "accumulate") else
+                                 sizes.describe("pairs" if stage == "rm" else "sequences"))
     text = format_plan(plan, title) + f"\nsmallest GPU count that fits: {need if need else 'none up to 4096'}"
     return plan, need, text

@@ -63,11 +63,15 @@ class RunningMoments:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().double().flatten()
-        n = x.numel()
+        if x.numel():
+            b_mean = float(x.mean())
+            self.merge(x.numel(), b_mean, float(((x - b_mean) ** 2).sum()))
+
+    def merge(self, n: int, b_mean: float, b_m2: float) -> None:
+        """Merge a batch given by its count, mean and sum of squared deviations (a batch spread over ranks)."""
+        n = int(n)
         if n == 0:
             return
-        b_mean = float(x.mean())
-        b_m2 = float(((x - b_mean) ** 2).sum())
         total = self.count + n
         delta = b_mean - self.mean
         self.mean += delta * n / total
@@ -87,7 +91,7 @@ class RunningMoments:
 
 
 def whiten(x: torch.Tensor, shift_mean: bool = True, mask: torch.Tensor | None = None,
-           moments: RunningMoments | None = None, eps: float = 1e-8) -> torch.Tensor:
+           moments: RunningMoments | None = None, eps: float = 1e-8, all_reduce=None) -> torch.Tensor:
     """``(x - mean) / std`` with population statistics; same shape as ``x``.
 
     Args:
@@ -97,18 +101,31 @@ def whiten(x: torch.Tensor, shift_mean: bool = True, mask: torch.Tensor | None =
         mask: (like x) bool: statistics over the true positions only; false positions are returned as 0.
         moments: running statistics: ``x`` is merged into them first and whitened with the running mean and
             variance (the option for small batches); None: statistics of this batch.
+        all_reduce: a function returning the sum of a tensor over the data-parallel ranks: the statistics (and
+            the running moments' update) are then those of the global batch, each rank holding a part ``x``.
+            None: ``x`` is the whole batch.
 
     Example: whiten([1, 2, 3, 4]) = [-1.3416, -0.4472, 0.4472, 1.3416] (mean 2.5, population std 1.118).
     """
     sel = x if mask is None else x[mask.bool()]
-    if sel.numel() < 2 and moments is None:
-        raise ValueError(f"whiten: needs at least 2 values (got {sel.numel()}); pass running moments for tiny batches")
+    if all_reduce is None:
+        n, mean = sel.numel(), (sel.mean() if sel.numel() else None)
+    else:  # two passes over the global batch: its mean, then the squared deviations from it
+        n = int(all_reduce(torch.tensor([float(sel.numel())], dtype=torch.float64)).item())
+        mean = (all_reduce(sel.detach().double().sum().reshape(1)) / max(n, 1)).to(x.dtype)[0]
+    if n < 2 and moments is None:
+        raise ValueError(f"whiten: needs at least 2 values (got {n}); pass running moments for tiny batches")
+    if n:
+        m2 = ((sel - mean) ** 2).sum()
+        if all_reduce is not None:
+            m2 = all_reduce(m2.detach().double().reshape(1)).to(x.dtype)[0]
     if moments is not None:
-        moments.update(sel)
+        if n:
+            moments.merge(n, float(mean), float(m2))
         mean = torch.tensor(moments.mean, dtype=x.dtype, device=x.device)
         var = torch.tensor(moments.var, dtype=x.dtype, device=x.device)
     else:
-        mean, var = sel.mean(), sel.var(unbiased=False)
+        var = m2 / n
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

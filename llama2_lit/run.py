@@ -7,6 +7,7 @@ Outputs in ``cfg.paths.output_dir``: ``metrics.json`` (flat final scalars, repro
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -21,12 +22,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from callbacks.checkpoint import AtomicCheckpointIO, SafeCheckpoint, resolve_ckpt_path
 from callbacks.preemption import PREEMPTED_EXIT_CODE, Preemption
 from callbacks.resume import CarriedMetrics, EpochEndResume, ResumeState
-from llama2_lit.errors import Preempted
+from llama2_lit.errors import Preempted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,26 @@ def _preemptible(trainer):
                         exit_code=PREEMPTED_EXIT_CODE) from None
 
 
+# precisions that cast the module's own parameters to 16 bits: AdamW steps would then round away (MASTER_DTYPE)
+_HALF_WEIGHTS = ("bf16-true", "16-true")
+
+
+def _trainer_cfg(cfg: DictConfig) -> tuple[DictConfig, int | None]:
+    """``cfg.trainer`` without ``micro_batch_size`` (ours, not a Trainer argument), and that value.
+
+    ``trainer.precision`` values that keep 16-bit weights are refused: trainable weights stay float32 and bf16 is a
+    compute dtype (``bf16-mixed``; ``trainer=fsdp``: ``trainer.strategy.mixed_precision``)."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision in _HALF_WEIGHTS:
+        raise UserError(f"trainer.precision={precision} would train 16-bit weights, on which AdamW steps at the "
+                        "paper's learning rates mostly round to zero: use trainer.precision=bf16-mixed (float32 master "
+                        "weights, bf16 compute); model.dtype sets the dtype of frozen copies and exports")
+    tcfg = copy.deepcopy(cfg)
+    with open_dict(tcfg):
+        micro = tcfg.trainer.pop("micro_batch_size", None)
+    return tcfg.trainer, (int(micro) if micro else None)
+
+
 def build(cfg: DictConfig):
     """The (datamodule, module, trainer) triple a config describes; nothing is run.
 
@@ -92,7 +113,11 @@ def build(cfg: DictConfig):
     callbacks.append(CarriedMetrics())  # val/*_init measured before fit, kept in checkpoints for resumed runs
     if any(isinstance(c, SafeCheckpoint) and c.save_last for c in callbacks):
         callbacks.append(Preemption())  # SIGTERM / SIGUSR1: checkpoint at the next step boundary, exit 75
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer_cfg, micro = _trainer_cfg(cfg)
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    from llama2_lit.batching import configure as configure_batches
+
+    configure_batches(cfg, datamodule, trainer, micro=micro)  # global sizes -> per-rank micro-batch, accumulation
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # writes: temporary file, fsync, os.replace
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)

@@ -67,7 +67,7 @@ def _launch(out_root: Path, cache_dir: str, *extra: str, base: list[str] = TINY,
     """``python -m llama2_lit`` with 2 CPU processes under trainer=fsdp; the run directory and wall seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1"}
     cmd = [sys.executable, "-m", "llama2_lit", *base, "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
-           "stage.batch_size=2", f"paths.output_root={out_root}", f"paths.cache_dir={cache_dir}", *extra]
+           "stage.batch_size=4", f"paths.output_root={out_root}", f"paths.cache_dir={cache_dir}", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     took = time.perf_counter() - t0
@@ -105,7 +105,7 @@ def test_fsdp_two_processes_shard_match_one_process_resume_and_consolidate(make_
         os.environ.update(env)
     one = _probe(single)
 
-    # two processes of 2 rows each; activation checkpointing on (it must not change the numbers)
+    # two processes of 2 rows each (stage.batch_size=4 is global); activation checkpointing on (it must not change the numbers)
     a_dir, a_time = _launch(tmp_path / "a", cache_dir, "model.gradient_checkpointing=true")
     r0, r1 = _probe(a_dir, 0), _probe(a_dir, 1)
     assert (r0["world"], r1["world"]) == (2, 2)
@@ -213,7 +213,8 @@ def test_ckpt_path_resumes_a_one_process_run_at_an_epoch_end(make_cfg, tmp_path)
 PPO = [
     "stage=ppo", "logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     "trainer.limit_val_batches=1", "trainer.max_steps=-1", "data.synthetic.num_train=40", "data.val_batch_size=2",
-    "ppo.iterations=2", "ppo.mini_batch_size=1", "ppo.ppo_epochs=1", "ppo.max_new_tokens=6",
+    # global sizes: 4 prompts per iteration (2 per rank), mini-batches of 2 (1 per rank): 2 optimizer steps each
+    "ppo.iterations=2", "stage.batch_size=4", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1", "ppo.max_new_tokens=6",
     "ppo.eval.max_new_tokens=4", "ppo.eval.greedy=false", "stage.val_check_interval=2", "ppo.rm_batch_size=2",
     "+callbacks.probe._target_=tests.test_fsdp.PPOProbe",
 ]
@@ -366,7 +367,10 @@ def test_ppo_sharded_on_two_processes_gathers_for_generation_and_loads_shard_by_
         assert r[rank]["gathered_backend"] == "llama" and r[rank]["gathered"] == want
         assert r[rank]["sharded_backend"] == "hf" and r[rank]["sharded"] == want
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["trainer/steps"] == 2.0 and metrics["ppo/skipped_batches"] == 0.0
+    # ppo.iterations=2 runs 2 iterations (not 2 / ranks) of stage.batch_size=4 prompts over both ranks, each with
+    # batch / mini-batch x ppo_epochs = 4 / 2 x 1 = 2 optimizer steps
+    assert metrics["ppo/iteration"] == 2.0 and metrics["ppo/prompts"] == 4.0 and metrics["ppo/optimizer_steps"] == 2.0
+    assert metrics["trainer/steps"] == 4.0 and metrics["ppo/skipped_batches"] == 0.0
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, whole.model.layers[0].mlp.up_proj.weight)
     print(f"sharded PPO run (2 iterations) took {took:.0f} s; generation with gathered weights equals unsharded")

@@ -65,7 +65,7 @@ def test_unknown_precision_is_refused():
 def test_plan_true_prints_the_plan_and_trains_nothing(make_cfg, tmp_path, capsys):
     from llama2_lit.run import run
 
-    m = run(make_cfg("model=llama2_7b", "plan=true", "stage.batch_size=1", "trainer.devices=8", small=False,
+    m = run(make_cfg("model=llama2_7b", "plan=true", "stage.batch_size=8", "trainer.devices=8", small=False,
                      out=tmp_path / "run"))
     text = capsys.readouterr().out
     assert "policy 6,738,415,616 parameters" in text and "smallest GPU count that fits" in text
@@ -85,6 +85,36 @@ def test_paper_70b_plans_through_the_fsdp_preset(make_cfg):
         got[stage] = (plan.fits, need)
         assert "micro-batch 1 x 4096" in text or "micro-batch 2 x 4096" in text
     assert got["sft"] == (True, 16) and got["rm"] == (True, 24) and got["ppo"] == (False, 48)
+
+
+@pytest.mark.parametrize("preset,gpus,micro,accumulate", [("fsdp_7b", 8, 8, 1), ("fsdp_13b", 8, 4, 2),
+                                                          ("fsdp_70b", 32, 1, 2)])
+def test_fsdp_presets_plan_the_papers_64_sequences_per_step_with_no_extra_flag(make_cfg, preset, gpus, micro,
+                                                                                accumulate):
+    """stage.batch_size is global: each preset's GPUs x accumulated micro-batches x micro-batch = 64 sequences."""
+    from llama2_lit.plan import plan_from_cfg
+
+    size = preset.split("_")[1]
+    _, _, text = plan_from_cfg(make_cfg("stage=sft", f"model=llama2_{size}", f"trainer={preset}", small=False))
+    assert (f"batch: 64 sequences per step (global) = {gpus} ranks x {64 // gpus} per rank ({accumulate} "
+            f"micro-batch{'es' if accumulate > 1 else ''} of {micro})") in text
+    assert f"micro-batch {micro} x 4096 tokens" in text
+    assert gpus * accumulate * micro == 64
+
+
+def test_plan_counts_float32_master_weights_and_frozen_models_in_model_dtype(make_cfg):
+    """bf16 compute does not shrink what trains (16 bytes a parameter); model.dtype sets the frozen copies' bytes."""
+    from llama2_lit.plan import plan_from_cfg
+
+    bf16, _, text = plan_from_cfg(make_cfg("stage=ppo", "model=llama2_7b", "trainer=fsdp_7b", small=False))
+    fp32, _, _ = plan_from_cfg(make_cfg("stage=ppo", "model=llama2_7b", "trainer=fsdp_7b", "model.dtype=float32",
+                                        small=False))
+    p = 6_738_415_616
+    assert bf16.components["policy: weights"] == fp32.components["policy: weights"] == p * 4 / 8
+    assert bf16.components["policy: optimizer"] == p * 8 / 8
+    assert bf16.components["reference: frozen weights"] == p * 2 / 8
+    assert fp32.components["reference: frozen weights"] == p * 4 / 8
+    assert "float32 master weights, frozen models in bfloat16" in text
 
 
 def test_a_sharded_gpu_run_the_plan_says_does_not_fit_is_refused_unless_forced(make_cfg):

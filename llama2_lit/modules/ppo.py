@@ -19,8 +19,10 @@ part of the module's state dict, so checkpoints hold the policy, the critic and 
 1/N of each. Rollouts gather the policy's weights once per rollout phase and free them after
 (``ppo.gather_for_generation``, the Llama 2 paper's fix for FSDP's slow generation); ``false`` samples from the
 sharded policy, every decoding step gathering each layer again. Scoring and the training forwards run sharded.
-Each rank samples and whitens its own share of the prompts; a skip (non-finite rewards or loss) is decided for
-all ranks together.
+Sizes are global (``llama2_lit.batching``): ``stage.batch_size`` prompts per iteration over all ranks, each rank
+sampling its ``1/N``; ``ppo.mini_batch_size`` rows per optimizer step over all ranks. R̃_c, the running moments of
+``ppo.whiten_rewards=running`` and the advantages are whitened with the global batch's statistics, and the loss is
+the mean over the global mini-batch's tokens. A skip (non-finite rewards or loss) is decided for all ranks together.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from llama2_lit import world
 from llama2_lit.engine import Engine, Sampling
@@ -70,7 +71,9 @@ class PPOModule(L.LightningModule):
 
     def __init__(self, model_cfg: Mapping[str, Any], tokenizer=None, options: Mapping[str, Any] | None = None):
         super().__init__()
-        if isinstance(options, DictConfig):
+        if type(options).__name__ == "DictConfig":  # no omegaconf import: the module runs without Hydra too
+            from omegaconf import OmegaConf
+
             options = OmegaConf.to_container(options, resolve=True)
         o = dict(options or {})
         if o.get("whiten_rewards", "batch") not in WHITEN:
@@ -83,7 +86,9 @@ class PPOModule(L.LightningModule):
         self.model = load_causal_lm(dict(model_cfg), tokenizer)  # the policy
         self.value_model = load_value_model(o["value_init"], model_cfg, tokenizer,
                                             (o.get("reward_models") or {}).get("helpfulness"))
-        ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # π₀: the policy's starting weights, frozen, held in ppo.frozen_dtype (model.dtype by default); the policy and
+        # the critic train on float32 master weights (models.loading.MASTER_DTYPE)
+        ref = copy.deepcopy(self.model).eval().requires_grad_(False).to(self._frozen_dtype())
         self._frozen: dict[str, Any] = {"ref": ref}  # a plain dict: not a submodule, not checkpointed
         self.scorer = None
         self.engine: Engine | None = None
@@ -110,11 +115,12 @@ class PPOModule(L.LightningModule):
         configure_sharded(self, self.value_model, seed=seed, called=VALUE_CALLS)
 
     def _frozen_dtype(self) -> torch.dtype:
+        """The dtype π₀ and the reward models are held in: ``ppo.frozen_dtype``, ``auto`` = ``model.dtype``."""
+        from llama2_lit.models.loading import model_dtype, torch_dtype
+
         name = self.opts.get("frozen_dtype", "auto")
         if name == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else next(self.model.parameters()).dtype
-        from llama2_lit.models.loading import torch_dtype
-
+            return model_dtype(self.hparams.model_cfg, trainable=False)
         return torch_dtype(name)
 
     def on_fit_start(self) -> None:
@@ -129,8 +135,9 @@ class PPOModule(L.LightningModule):
         from llama2_lit.scoring import GoldScorer, build_scorer
 
         sharded = is_sharded(self.model)
-        # sharded: π₀ and the RMs keep fp32 shards; the strategy's mixed precision sets their compute dtype
-        dtype = next(self.model.parameters()).dtype if sharded else self._frozen_dtype()
+        # π₀ and the RMs in ppo.frozen_dtype (sharded too: their shards; the strategy's mixed precision sets the
+        # compute dtype); the policy and the critic keep float32 master weights
+        dtype = self._frozen_dtype()
         if not sharded:
             self._frozen["ref"] = self.ref_model.to(self.device, dtype)
         self.ref_model.eval()
@@ -195,6 +202,16 @@ class PPOModule(L.LightningModule):
         with lockstep_forwards(self.model, idle_forward):
             yield self.engine
 
+    def _world(self) -> int:
+        trainer = getattr(self, "_trainer", None)
+        return int(trainer.world_size) if trainer is not None else 1
+
+    def _sum_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the data-parallel ranks (one process: ``x``): statistics of the global batch."""
+        if self._world() == 1:
+            return x
+        return self._trainer.strategy.reduce(x.to(self.device).clone(), reduce_op="sum").to(x.device)
+
     def _all_ranks(self, ok: bool) -> bool:
         """``ok`` on every rank (one process: ``ok``): a skip must be taken by all ranks of a sharded run."""
         trainer = getattr(self, "_trainer", None)
@@ -257,10 +274,10 @@ class PPOModule(L.LightningModule):
             return self._skip(f"{int((~torch.isfinite(r_c)).sum())} non-finite rewards")
         score = logit(r_c, float(o["logit_eps"]))
         mode = o.get("whiten_rewards", "batch")
-        if mode == "batch":
-            score_w = whiten(score)
+        if mode == "batch":  # statistics of the global batch: every rank's prompts of this iteration
+            score_w = whiten(score, all_reduce=self._sum_ranks)
         elif mode == "running":
-            score_w = whiten(score, moments=self.reward_moments)
+            score_w = whiten(score, moments=self.reward_moments, all_reduce=self._sum_ranks)
         else:
             score_w = score
         t_score = time.perf_counter() - t0
@@ -286,7 +303,7 @@ class PPOModule(L.LightningModule):
         rewards = token_rewards(score_w.to(dev).float(), kl, rmask, float(o["kl_coef"]), o["kl_level"])
         adv, ret = gae(rewards, old_v, rmask, float(o["gamma"]), float(o["lam"]))
         if o.get("whiten_advantages", True) and rmask.sum() > 1:
-            adv = whiten(adv, mask=rmask)
+            adv = whiten(adv, mask=rmask, all_reduce=self._sum_ranks)
 
         stats = self._ppo_epochs(ids, mask, pos, resp, rmask, old_lp, old_v, adv, ret, temp)
         if stats is None:
@@ -303,6 +320,7 @@ class PPOModule(L.LightningModule):
             "ppo/explained_variance": float(explained_variance(old_v, ret, rmask)),
             "ppo/skipped_batches": float(self.skipped), "ppo/iteration": float(self.iteration),
             "time/generation_s": t_gen, "time/scoring_s": t_score, "time/training_s": t_train,
+            "ppo/prompts": float(self._sum_ranks(torch.tensor([float(n)]))[0]),  # every rank's: the global batch
             "perf/gen_tokens": float(roll.num_tokens), "perf/samples": float(n),
             "perf/samples_per_s": n / (t_gen + t_score + t_train),
         }
@@ -319,17 +337,24 @@ class PPOModule(L.LightningModule):
         acc: dict[str, float] = {}
         steps = 0
         gen = torch.Generator().manual_seed(int(self.iteration) * 7919 + int(o.get("seed") or 0))
+        world = self._world()
+        mini = int(o["mini_batch_size"]) // world  # ppo.mini_batch_size is global: each rank's share of it
         for _ in range(int(o["ppo_epochs"])):
             order = torch.randperm(n, generator=gen).to(ids.device)
-            for mb in self._chunks(n, int(o["mini_batch_size"])):
+            for mb in self._chunks(n, mini):
                 rows = order[mb]
                 tokens = rmask[rows].sum().clamp_min(1.0)
+                # the loss of the global mini-batch is the mean over all ranks' response tokens: a micro-batch
+                # weighs its token share of the global mini-batch, times the world size that the gradient average
+                # (FSDP / DDP) divides out again
+                tokens_all = self._sum_ranks(rmask[rows].sum().reshape(1))[0].clamp_min(1.0)
                 opt.zero_grad()
                 parts = {"ppo/policy_loss": 0.0, "ppo/value_loss": 0.0, "ppo/clip_frac": 0.0, "ppo/approx_kl": 0.0,
                          "ppo/entropy": 0.0}
                 for s in self._chunks(len(rows), o.get("micro_batch_size") or len(rows)):
                     r = rows[s]
-                    w = rmask[r].sum() / tokens  # token share: micro-batches add up to the mini-batch's mean
+                    w = rmask[r].sum() * world / tokens_all
+                    w_log = float(rmask[r].sum() / tokens)  # this rank's statistics: its own token mean
                     logits = self._response_logits(self.model, ids[r], mask[r], pos[r], t)
                     lp = token_logprobs(logits, resp[r], temp)
                     pg, cf, akl = ppo_policy_loss(lp, old_lp[r], adv[r], rmask[r], float(o["clip"]))
@@ -343,7 +368,7 @@ class PPOModule(L.LightningModule):
                     self.manual_backward(loss)
                     for k, x in (("ppo/policy_loss", pg), ("ppo/value_loss", vl), ("ppo/clip_frac", cf),
                                  ("ppo/approx_kl", akl), ("ppo/entropy", ent)):
-                        parts[k] += float(x.detach()) * float(w)
+                        parts[k] += float(x.detach()) * w_log
                 clip = float(o["grad_clip"])
                 if clip > 0:  # sharded: DTensor gradients, whose norm clip_grad_norm_ reduces over the ranks
                     norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -353,7 +378,9 @@ class PPOModule(L.LightningModule):
                 steps += 1
                 for k, x in parts.items():
                     acc[k] = acc.get(k, 0.0) + x
-        return {k: x / max(1, steps) for k, x in acc.items()}
+        out = {k: x / max(1, steps) for k, x in acc.items()}
+        out["ppo/optimizer_steps"] = float(steps)
+        return out
 
     def _skip(self, why: str) -> None:
         self.skipped += 1
@@ -450,10 +477,13 @@ class PPOModule(L.LightningModule):
 
     def export(self, path: str | Path) -> Path:
         """The policy and tokenizer to ``path`` (``from_pretrained``-ready, the next stage's ``model.path``); the
-        value model to ``<path>/../value``."""
+        value model to ``<path>/../value``; weights stored in ``model.dtype``."""
+        from llama2_lit.models.loading import model_dtype, save_pretrained_as
+
         path = Path(path)
-        self.model.save_pretrained(path, safe_serialization=True)
+        dtype = model_dtype(self.hparams.model_cfg, trainable=False)  # exports in model.dtype
+        save_pretrained_as(self.model, path, dtype)
         self.tokenizer.save_pretrained(path)
-        self.value_model.save_pretrained(path.parent / "value", safe_serialization=True)
+        save_pretrained_as(self.value_model, path.parent / "value", dtype)
         self.tokenizer.save_pretrained(path.parent / "value")
         return path

@@ -14,6 +14,7 @@ from callbacks.rating_buckets import RatingBucketAccuracy, RatingBucketCallback
 from data_modules.pairwise import concat_pairs
 from llama2_lit.errors import UserError
 from llama2_lit.losses import ranking_loss
+from llama2_lit.models.loading import model_dtype
 from llama2_lit.models.lora import merge_lora
 from llama2_lit.models.reward import export_reward_model, load_reward_model, rewards, score
 from llama2_lit.models.sharding import configure_sharded
@@ -38,8 +39,9 @@ class RewardModule(L.LightningModule):
         lr, weight_decay, betas, eps: AdamW (paper: 1e-5 (5e-6 for 70B), 0.1, (0.9, 0.95), 1e-5).
         warmup_ratio / warmup_steps: warm-up over ``max(warmup_steps, ceil(warmup_ratio * total))`` steps
             (paper: 3%, at least 5); min_lr_ratio: the cosine floor (paper: 10% of peak).
-        pairs_per_step: pairs per optimizer step (paper: 512); the gradient accumulation is derived from
-            the DataModule's ``batch_size`` unless ``trainer.accumulate_grad_batches`` is set (!= 1).
+        pairs_per_step: pairs per optimizer step over all ranks (paper: 512), recorded here; ``run.build``
+            derives each rank's gradient accumulation from it, the micro-batch (``stage.batch_size``) and the
+            world size (``llama2_lit.batching``).
         freeze_layers: freeze embeddings and the lowest N decoder layers (negative: all but the top -N);
             null = ``model_cfg.freeze_layers`` or 0.
         reward_name, margin: recorded in the exported ``config.json`` (``llama2_lit``), nothing else.
@@ -109,14 +111,6 @@ class RewardModule(L.LightningModule):
         if dm is not None and not getattr(dm, "pairwise", False):
             raise UserError(f"stage=rm needs preference pairs, but data is a {type(dm).__name__}: add "
                             "data=synthetic_pairs (or data=pairs data.path=..., data=hh_harmless)")
-        if stage != "fit" or dm is None:
-            return
-        per_batch = int(getattr(dm, "batch_size", 0) or 0)
-        if self.trainer.accumulate_grad_batches == 1 and per_batch:
-            k = max(1, round(self.hparams.pairs_per_step / per_batch))
-            self.trainer.accumulate_grad_batches = k
-            log.info("%d pairs per optimizer step: %d micro-batches of %d pairs (stage.pairs_per_step=%d)",
-                     k * per_batch, k, per_batch, self.hparams.pairs_per_step)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -137,10 +131,12 @@ class RewardModule(L.LightningModule):
     def export(self, path: str | Path) -> Path:
         """Save ``hf/``: a ``LlamaForSequenceClassification`` (num_labels 1, pad token id set) + tokenizer.
 
-        LoRA adapters are merged into the weights first (the result loads without peft)."""
+        LoRA adapters are merged into the weights first (the result loads without peft); weights are stored in
+        ``model.dtype`` (training kept them in float32)."""
         self.model = merge_lora(self.model)
         meta = {k: v for k, v in (("reward", self.hparams.reward_name), ("margin", self.hparams.margin)) if v}
-        return export_reward_model(self.model, self.tokenizer, path, metadata=meta)
+        return export_reward_model(self.model, self.tokenizer, path, metadata=meta,
+                                   dtype=model_dtype(self.hparams.model_cfg, trainable=False))
 
 
 def _print_table(text: str) -> None:
