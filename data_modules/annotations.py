@@ -239,7 +239,7 @@ def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> N
     """Write rows as JSONL atomically (a temporary file beside ``path``, then a rename)."""
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # several ranks may write the same file
     with tmp.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -210,12 +211,16 @@ def build_synthetic_pairs(tokenizer=None, *, seed: int = 0, run_dir: str | None 
         stats = json.loads(stats_file.read_text())
     else:
         stats = _generate(folder, files, settings, policy, tokenizer, seed, thr, gen_batch_size)
-        stats_file.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    if run_dir and cache_dir:  # a copy next to the run, for inspection
+        tmp = stats_file.with_suffix(f".{os.getpid()}.tmp")  # atomic: the ranks of one run each write it
+        tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        tmp.replace(stats_file)
+    if run_dir and cache_dir:  # a copy next to the run, for inspection (atomic: another rank may be reading it)
         dest = Path(run_dir) / "pairs"
         dest.mkdir(parents=True, exist_ok=True)
         for s, f in files.items():
-            shutil.copyfile(f, dest / f.name)
+            tmp = dest / f".{f.name}.{os.getpid()}.tmp"
+            shutil.copyfile(f, tmp)
+            tmp.replace(dest / f.name)
         files = {s: dest / f.name for s, f in files.items()}
     return {s: str(f) for s, f in files.items()}, stats
 
@@ -252,7 +257,8 @@ def _generate(folder: Path, files, settings, policy, tokenizer, seed, thr, gen_b
             torch.manual_seed(s)
             records, st = make_pairs(tasks, sampler, rng, max_tries=settings["max_tries"], thresholds=thr,
                                      label_noise=settings["label_noise"], ties=settings["ties"])
-        tmp = files[name].with_suffix(".tmp")
+        # a temporary name of this process's own: the ranks of a multi-process run each build the same cache entry
+        tmp = files[name].with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(files[name])
         stats.update({f"data/synthetic/{name}/{k}": v for k, v in st.items()})

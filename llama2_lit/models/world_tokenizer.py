@@ -63,8 +63,15 @@ def build_world_tokenizer(vocab_size: int = 512, cache_dir: str | None = None, c
     )
     fast.chat_template = TINY_CHAT_TEMPLATE
     if target is not None:
-        tmp = target.with_name(target.name + ".tmp")
+        import os
+        import shutil
+
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # the ranks of one run may each build it
         fast.save_pretrained(str(tmp))
-        if not target.exists():
-            tmp.replace(target)
+        try:
+            if not target.exists():
+                tmp.replace(target)
+        except OSError:  # another process put it there first: theirs is the same tokenizer
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
     return fast
