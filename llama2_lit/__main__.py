@@ -19,6 +19,16 @@ def _user_error(e: BaseException | None) -> UserError | None:
     return None
 
 
+def _rank_lost(e: BaseException):
+    """trainer=fsdp: a rank that died or stopped answering, behind ``e`` (a failed collective), as the one line to
+    print (``llama2_lit.models.sharding.RankLost``, exit code 69); None for other errors."""
+    mod = sys.modules.get("llama2_lit.models.sharding")  # only a run that imported it can have lost a rank
+    return mod.rank_lost(e) if mod is not None else None
+
+
+# The run directory is locked before Hydra writes into it (hydra.callbacks.run_lock in conf/config.yaml,
+# llama2_lit/run_lock.py): a second command on a directory in use prints "error: <dir> is in use by pid ..." and
+# exits 2 without touching it.
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from llama2_lit.run import run
@@ -31,7 +41,11 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as e:  # noqa: BLE001 - a user error (possibly wrapped by hydra.utils.instantiate) is one line
         user = _user_error(e)
         if user is None:
-            raise
+            lost = _rank_lost(e)
+            if lost is None:
+                raise
+            print(f"error: {lost}", file=sys.stderr)  # e.g. rank 1 (pid 4255) stopped answering: it was killed ...
+            sys.exit(lost.exit_code)
         print(f"error: {user}", file=sys.stderr)
         sys.exit(2)
     # a sweeper may optimise this value

@@ -319,10 +319,17 @@ def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_
     settings = {"model": cfg.model.name, "model_path": model_path, "seed": int(cfg.seed),
                 "iterations": int(p["iterations"]), "ppo_from": int(p["ppo_from"]), "scorer": p.get("scorer", "rm"),
                 **{k: v for k, v in p.items() if k.endswith("_overrides")}}
-    _manifest(root, settings)
-    log.info("pipeline %s: %d steps (%s)", root, len(steps), ", ".join(s.name for s in steps))
-    timings = execute(steps, runner, root / "timings.json")
-    text, rows = report(steps, timings, root)
+    # one pipeline per root: a second one (make demo started twice) is refused here, before it writes into root;
+    # each step locks its own directory below root (llama2_lit/run_lock.py)
+    from llama2_lit import run_lock
+
+    with run_lock.acquire(root) as lock:
+        if lock.takeover_message():
+            log.warning("pipeline: %s", lock.takeover_message())
+        _manifest(root, settings)
+        log.info("pipeline %s: %d steps (%s)", root, len(steps), ", ".join(s.name for s in steps))
+        timings = execute(steps, runner, root / "timings.json")
+        text, rows = report(steps, timings, root)
     print(text)
     log.info("pipeline report: %s", root / "report.md")
     out = Path(str(cfg.paths.output_dir))

@@ -41,6 +41,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from llama2_lit.errors import UserError
+from llama2_lit.models.rank_watch import (RANK_LOST_EXIT_CODE, RankLost, _PEERS, _set_collective_timeout,  # noqa: F401
+                                          _watch_parent, _WatchedLauncher, rank_lost)
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +126,31 @@ class FSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward, cpu_offload: see :func:`shard_model`.
         save_distributed_checkpoint: checkpoints as a directory of per-rank shards (True) or one full file
             gathered on rank 0 (False).
+        timeout_minutes: a collective that waits longer than this for a rank fails (floats: 0.1 is 6 s); the run
+            then stops with one line naming the rank (:func:`rank_lost`).
+        join_timeout_minutes: how long the ranks are given to start and join the process group (the rendezvous
+            uses ``max(timeout_minutes, join_timeout_minutes)``: a child rank takes seconds to import and build its
+            data, longer than a short collective timeout).
+
+    A rank that dies (killed, out of memory, a crash on that rank only) stops the others within seconds, with one
+    line naming it: ``error: rank 1 (pid 4255) stopped answering: it was killed by SIGKILL; rerun the same command
+    with ckpt_path=last hydra.run.dir=<run> to resume from <checkpoint>`` and exit code 69
+    (:data:`RANK_LOST_EXIT_CODE`), rather than a gloo traceback or a hang. Rank 0 is the parent of the other ranks
+    of its node (Lightning's ``_SubprocessScriptLauncher``), so it polls them (:class:`_RankObserver`, which replaces
+    Lightning's observer: that one SIGKILLs rank 0 without a word); a child rank watches its parent's pid. Where the
+    surviving rank's collective fails first (gloo on a closed socket: "Connection reset by peer", at once; on a
+    rank that hangs: after ``timeout_minutes``), ``python -m llama2_lit`` turns that error into the same line
+    (:func:`rank_lost`); the observer is the backstop when the main thread cannot get there.
     """
 
     def __init__(self, mixed_precision: str = "auto", reshard_after_forward: bool = True, cpu_offload: bool = False,
                  save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
-                 timeout_minutes: float = 30.0):
+                 timeout_minutes: float = 30.0, join_timeout_minutes: float = 10.0):
+        self.collective_timeout = timedelta(minutes=float(timeout_minutes))
+        join = max(self.collective_timeout, timedelta(minutes=float(join_timeout_minutes)))
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
-                         process_group_backend=process_group_backend, timeout=timedelta(minutes=timeout_minutes))
+                         process_group_backend=process_group_backend, timeout=join)
         self.mixed_precision, self.reshard_after_forward, self.cpu_offload = mixed_precision, reshard_after_forward, cpu_offload
 
     def _configure_launcher(self) -> None:  # runs when the Trainer is built: devices and nodes are known
@@ -143,10 +162,23 @@ class FSDP2Strategy(ModelParallelStrategy):
                 "to 2 or more (on CPU: trainer.devices=2 trainer.accelerator=cpu), or train on one device with "
                 "trainer=gpu / trainer=cpu")
         super()._configure_launcher()
+        from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+        grace = min(5.0, self.collective_timeout.total_seconds())
+        if type(self._launcher) is _SubprocessScriptLauncher:  # the same launcher, with the reporting observer
+            self._launcher = _WatchedLauncher(self.cluster_environment, self.num_processes, self.num_nodes, grace)
+        elif self._launcher is None:  # a rank started by rank 0's launcher (or torchrun, SLURM: then nothing)
+            _watch_parent(self.cluster_environment, self.num_processes, grace)
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
-        super().setup_environment()
+        super().setup_environment()  # the process group (join timeout) and the device mesh's groups
+        _set_collective_timeout(self.collective_timeout)
+        _PEERS.strategy, _PEERS.active = self, True  # from here a lost rank 0 is reported (teardown: no longer)
+
+    def teardown(self) -> None:
+        _PEERS.active = False
+        super().teardown()
 
     def setup(self, trainer) -> None:
         from lightning.pytorch.utilities.model_helpers import is_overridden
