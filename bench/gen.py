@@ -28,9 +28,9 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from llama2_lit import world  # noqa: E402
+from llama2_lit.world import oracle as world  # noqa: E402
 from llama2_lit.config import compose  # noqa: E402
-from llama2_lit.engine import Engine, Sampling, encode_prompts, left_pad  # noqa: E402
+from llama2_lit.generation.engine import Engine, Sampling, encode_prompts, left_pad  # noqa: E402
 from llama2_lit.models.loading import load_causal_lm  # noqa: E402
 
 

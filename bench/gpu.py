@@ -127,7 +127,7 @@ def build_tokenizer(vocab: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from llama2_lit.models.world_tokenizer import TINY_CHAT_TEMPLATE
+    from llama2_lit.world.tokenizer import TINY_CHAT_TEMPLATE
 
     table = {s: i for i, s in enumerate(SPECIAL)}
     for i in range(vocab - len(SPECIAL)):
@@ -557,14 +557,14 @@ class Bench:
         return int(out[:, ids.shape[1]:].numel())
 
     def engine_generate(self, engine, ids, mask, new_tokens: int, seed: int) -> int:
-        from llama2_lit.engine import Sampling
+        from llama2_lit.generation.engine import Sampling
 
         roll = engine.generate_ids(ids, mask, Sampling(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0,
                                                        seed=seed, stop_ids=()))
         return roll.num_tokens
 
     def generate(self) -> dict:
-        from llama2_lit.engine import Engine
+        from llama2_lit.generation.engine import Engine
 
         s, dev = self.s, self.device
         base = allocated(dev)  # peaks below include the frozen model's weights (the planner counts them)
@@ -806,7 +806,7 @@ class Bench:
             return {"skipped": "compile=True is tried on CUDA only (--compile to force it here)", "batches": []}
         if self.deadline - time.perf_counter() < 45 and not self.args.tiny:
             return {"skipped": "time budget spent (< 45 s left)", "batches": []}
-        from llama2_lit.engine import Engine
+        from llama2_lit.generation.engine import Engine
 
         model = self.frozen_policy()
         rows = []

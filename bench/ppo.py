@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from llama2_lit.config import compose  # noqa: E402
-from llama2_lit.engine import Sampling  # noqa: E402
+from llama2_lit.generation.engine import Sampling  # noqa: E402
 
 
 def random_rms(policy_path: str | None, model: str, tmp: Path, cache_dir: str) -> tuple[str, str, str]:

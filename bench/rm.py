@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from data_modules.pairwise import (LengthGroupedBatchSampler, collate_pairs, concat_pairs,  # noqa: E402
                                    encode_pairs)
 from data_modules.preferences import read_pairs  # noqa: E402
-from llama2_lit.losses import ranking_loss  # noqa: E402
+from llama2_lit.core.losses import ranking_loss  # noqa: E402
 from llama2_lit.models.loading import load_tokenizer  # noqa: E402
 from llama2_lit.models.reward import load_reward_model, rewards  # noqa: E402
 
@@ -53,7 +53,7 @@ def _pairs(args, tok):
 
         from data_modules.preferences import to_pair
         from data_modules.synthetic_pairs import make_pairs, sample_perturb
-        from llama2_lit import world
+        from llama2_lit.world import oracle as world
 
         rng = random.Random(0)
         recs, _ = make_pairs(world.generate_tasks(args.pairs * 2, seed=0), lambda ts: sample_perturb(ts, rng), rng)

@@ -29,8 +29,8 @@ import torch  # noqa: E402
 from data_modules.packing import pack  # noqa: E402
 from data_modules.records import tokenize_chat  # noqa: E402
 from data_modules.sft import collate_rows  # noqa: E402
-from llama2_lit import world  # noqa: E402
-from llama2_lit.losses import masked_lm_loss  # noqa: E402
+from llama2_lit.world import oracle as world  # noqa: E402
+from llama2_lit.core.losses import masked_lm_loss  # noqa: E402
 from llama2_lit.models.loading import load_causal_lm  # noqa: E402
 from llama2_lit.modules.sft import SFTModule  # noqa: E402
 

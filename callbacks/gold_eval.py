@@ -41,8 +41,8 @@ class GoldEvalCallback(L.Callback):
         self.samples: list[tuple[str, str]] = []
 
     def _evaluate(self, trainer, pl_module, suffix: str) -> None:
-        from llama2_lit import world
-        from llama2_lit.generation import generate
+        from llama2_lit.world import oracle as world
+        from llama2_lit.generation.engine import generate
 
         dm = trainer.datamodule
         if not getattr(dm, "oracle", False):

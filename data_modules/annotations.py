@@ -8,7 +8,7 @@ flat preference pairs ``data=pairs`` reads.
 One JSON object per line (``annotations.jsonl``):
 
     id            str   sha1 of the prompt and the two responses (16 hex; the same pair in either order, same id)
-    prompt_id     str   sha1 of the prompt (16 hex), as ``llama2_lit.rs.prompt_id``
+    prompt_id     str   sha1 of the prompt (16 hex), as ``llama2_lit.stages.rs_bag.prompt_id``
     prompt        str   the user message
     is_safety     bool  the prompt's safety tag (Llama 2's IS_SAFETY(p))
     response_a    str   first response shown
@@ -58,7 +58,7 @@ ON_ERROR = ("raise", "skip")
 
 
 def prompt_id(prompt: str) -> str:
-    """sha1 of the prompt text, 16 hex (the same key as ``llama2_lit.rs.prompt_id``)."""
+    """sha1 of the prompt text, 16 hex (the same key as ``llama2_lit.stages.rs_bag.prompt_id``)."""
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
 
 
@@ -299,7 +299,7 @@ def simulate_row(row: Mapping[str, Any], *, seed: int = 0, thresholds: Mapping[s
     the other rows. A ``simulated`` key records the gold scores (``[a, b]``), the gap, the flip and the outcome.
     World prompts only (``ValueError`` otherwise).
     """
-    from llama2_lit import world
+    from llama2_lit.world import oracle as world
     from data_modules.synthetic_pairs import DEFAULT_THRESHOLDS, annotate
 
     thr = {**DEFAULT_THRESHOLDS, **dict(thresholds or {})}

@@ -17,7 +17,7 @@ import bisect
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from llama2_lit.losses import IGNORE_INDEX
+from llama2_lit.core.losses import IGNORE_INDEX
 
 PACKINGS = ("isolated", "concat", "none")
 OVERLONG = ("truncate", "drop", "split")

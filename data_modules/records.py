@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from llama2_lit.errors import DataError
-from llama2_lit.losses import IGNORE_INDEX
+from llama2_lit.core.losses import IGNORE_INDEX
 
 FORMATS = ("alpaca", "prompt_response", "messages", "text")
 _ROLES = ("system", "user", "assistant")

@@ -21,7 +21,7 @@ from data_modules.records import FORMATS, text_of, to_messages, tokenize_chat, t
 from data_modules.resumable import EpochRandomSampler, ResumableDataLoader
 from data_modules.sources import iter_records
 from llama2_lit.errors import DataError, UserError
-from llama2_lit.losses import IGNORE_INDEX
+from llama2_lit.core.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 MODES = ("sft", "pretrain")
@@ -113,7 +113,7 @@ class PackedSFTDataModule(L.LightningDataModule):
 
     # -- examples -------------------------------------------------------------------------
     def _synthetic_examples(self, split: str, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
-        from llama2_lit import world
+        from llama2_lit.world import oracle as world
 
         tasks = world.generate_tasks(n, seed=seed, split=split, safety_fraction=self.synthetic["safety_fraction"])
         out = []
@@ -180,7 +180,7 @@ class PackedSFTDataModule(L.LightningDataModule):
 
     # -- gold evaluation prompts (synthetic world only) ----------------------------------
     def eval_prompts(self) -> list[str]:
-        from llama2_lit import world
+        from llama2_lit.world import oracle as world
 
         if not self.oracle:
             return []

@@ -2,7 +2,7 @@
 
 For each world prompt, two responses are sampled, either from a policy checkpoint (a causal LM folder,
 e.g. an SFT run's ``hf/``; each response at a temperature drawn from ``temperatures``, as the paper
-varies temperature) or, with ``policy: perturb``, by :func:`llama2_lit.world.perturb` at two random noise
+varies temperature) or, with ``policy: perturb``, by :func:`llama2_lit.world.oracle.perturb` at two random noise
 levels (no model: fast, for tests). The simulated annotator (:func:`annotate`) then
 
 * on helpfulness prompts compares ``world.gold_helpfulness``; on safety prompts ``world.gold_safety``
@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from data_modules.preferences import RATINGS
-from llama2_lit import world
+from llama2_lit.world import oracle as world
 from llama2_lit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def sample_perturb(tasks: Sequence[world.Task], rng: random.Random) -> list[tupl
 def sample_policy(model, tokenizer, prompts: Sequence[str], rng: random.Random, *, temperatures: Sequence[float],
                   top_p: float = 1.0, max_new_tokens: int = 24, batch_size: int = 64) -> list[tuple[str, str]]:
     """Two sampled answers per prompt, each at a temperature drawn from ``temperatures`` (0 = greedy)."""
-    from llama2_lit.generation import generate
+    from llama2_lit.generation.engine import generate
 
     temps = [(rng.choice(list(temperatures)), rng.choice(list(temperatures))) for _ in prompts]
     out: list[list[str]] = [["", ""] for _ in prompts]

@@ -200,7 +200,7 @@ def plan_from_cfg(cfg) -> tuple[Plan, int | None, str]:
     sizes = None
     micro = int(cfg.stage.get("batch_size", 1))
     if cfg.stage.get("module") is not None and stage not in ("rs", "collect", "pipeline"):
-        from llama2_lit.batching import BatchSplit, plan_sizes
+        from llama2_lit.core.batching import BatchSplit, plan_sizes
 
         stage_d = OmegaConf.to_container(cfg.stage, resolve=True)
         ppo_d = OmegaConf.to_container(cfg.ppo, resolve=True) if cfg.get("ppo") is not None else None

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from callbacks.checkpoint import AtomicCheckpointIO, SafeCheckpoint, resolve_ckpt_path
 from callbacks.preemption import PREEMPTED_EXIT_CODE, Preemption
 from callbacks.resume import CarriedMetrics, EpochEndResume, ResumeState
+from llama2_lit.core.batching import BatchSplit, PPOSplit, plan_sizes, stage_kind
 from llama2_lit.errors import Preempted, UserError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,27 @@ def _trainer_cfg(cfg: DictConfig) -> tuple[DictConfig, int | None]:
     return tcfg.trainer, (int(micro) if micro else None)
 
 
+def configure_batches(cfg, datamodule, trainer, micro: int | None = None) -> BatchSplit | PPOSplit:
+    """Set the DataModule's per-rank batch size and the trainer's gradient accumulation from the global sizes of
+    ``cfg`` and the trainer's world size; log them once (rank 0)."""
+    stage = OmegaConf.to_container(cfg.stage, resolve=True)
+    ppo = OmegaConf.to_container(cfg.ppo, resolve=True) if cfg.get("ppo") is not None else None
+    world = int(trainer.world_size)
+    accumulate = int(trainer.accumulate_grad_batches)
+    s = plan_sizes(stage, ppo, world, micro=micro, accumulate=None if accumulate == 1 else accumulate)
+    if isinstance(s, PPOSplit):
+        datamodule.batch_size = s.per_rank
+        text = s.describe()
+    else:
+        datamodule.batch_size = s.micro
+        trainer.accumulate_grad_batches = s.accumulate
+        unit = "pairs" if stage_kind(str(stage["module"]["_target_"])) == "pairs" else "sequences"
+        text = s.describe(unit)
+    if trainer.is_global_zero:
+        log.info("batch sizes: %s", text)
+    return s
+
+
 def build(cfg: DictConfig):
     """The (datamodule, module, trainer) triple a config describes; nothing is run.
 
@@ -115,8 +137,6 @@ def build(cfg: DictConfig):
         callbacks.append(Preemption())  # SIGTERM / SIGUSR1: checkpoint at the next step boundary, exit 75
     trainer_cfg, micro = _trainer_cfg(cfg)
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
-    from llama2_lit.batching import configure as configure_batches
-
     configure_batches(cfg, datamodule, trainer, micro=micro)  # global sizes -> per-rank micro-batch, accumulation
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # writes: temporary file, fsync, os.replace
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()

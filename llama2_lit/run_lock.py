@@ -31,7 +31,7 @@ Who locks what (:class:`RunLockCallback`, a Hydra callback in ``conf/config.yaml
 * Only the launching process locks. The ranks Lightning starts for ``trainer=fsdp`` rerun the same command with
   ``LOCAL_RANK`` set (and torchrun / SLURM set ``RANK`` / ``SLURM_PROCID``): any of those non-zero means a worker
   rank of a run whose rank 0 holds the lock (:func:`is_launching_process`).
-* ``stage=pipeline`` also locks the pipeline's root directory (``llama2_lit/pipeline.py``); each step it starts is
+* ``stage=pipeline`` also locks the pipeline's root directory (``llama2_lit/stages/pipeline.py``); each step it starts is
   its own ``python -m llama2_lit`` run with its own directory below that root (``<root>/v1/rm_safety/``), so the steps
   lock their own directories, not the parent's.
 """

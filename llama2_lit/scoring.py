@@ -16,10 +16,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from llama2_lit import world
+from llama2_lit.world import oracle as world
 from llama2_lit.errors import UserError
-from llama2_lit.rewards import safety_gated_reward
-from llama2_lit.rs import tokenizer_fingerprint
+from llama2_lit.core.rl import safety_gated_reward
+from llama2_lit.stages.rs_bag import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 SCORERS = ("rm", "gold")
@@ -31,7 +31,7 @@ class GoldScorer:
     """The world's gold functions as sigmoid-scale scores (helpfulness, safety): a stand-in for trained RMs."""
 
     fingerprint = "gold"
-    description = "gold oracle (llama2_lit.world), a stand-in for reward models"
+    description = "gold oracle (llama2_lit.world.oracle), a stand-in for reward models"
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         try:

@@ -1,4 +1,4 @@
-"""Global batch sizes on any rank count (llama2_lit/batching.py), and the statistics the recipe takes over a batch
+"""Global batch sizes on any rank count (llama2_lit/core/batching.py), and the statistics the recipe takes over a batch
 (R̃_c, the running moments, the advantages) taken over the global batch on 2 gloo ranks."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from llama2_lit.batching import BatchSplit, PPOSplit, split, split_pairs, split_ppo
+from llama2_lit.core.batching import BatchSplit, PPOSplit, split, split_pairs, split_ppo
 from llama2_lit.errors import UserError
 from tests.conftest import ROOT
 
@@ -61,7 +61,7 @@ def test_build_sets_the_per_rank_batch_and_accumulation_from_global_sizes(make_c
 def _whiten_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from llama2_lit.rewards import RunningMoments, whiten
+    from llama2_lit.core.rl import RunningMoments, whiten
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -90,7 +90,7 @@ def _whiten_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_whitening_over_two_ranks_equals_the_one_rank_computation(tmp_path):
     import socket
 
-    from llama2_lit.rewards import RunningMoments, whiten
+    from llama2_lit.core.rl import RunningMoments, whiten
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

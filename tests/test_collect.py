@@ -10,7 +10,7 @@ import pytest
 from data_modules.annotations import (FIELDS, PAIR_FIELDS, AnnotationErrors, ingest, main, new_row, pair_id,
                                       prompt_id, read_annotations, simulate_row, to_pairs)
 from data_modules.preferences import read_pairs
-from llama2_lit import world
+from llama2_lit.world import oracle as world
 from llama2_lit.errors import UserError
 from tests.conftest import ROOT, SMALL
 
@@ -31,7 +31,7 @@ def _write(path, rows):
 
 
 def test_collect_pairs_rows_schema_resampling_and_sides():
-    from llama2_lit.collect_stage import Source, collect_pairs
+    from llama2_lit.stages.collect import Source, collect_pairs
 
     P = SimpleNamespace
     prompts = [P(id=prompt_id(t), text=t, is_safety=s) for t, s in
@@ -72,7 +72,7 @@ def test_collect_pairs_rows_schema_resampling_and_sides():
         cold = r["response_a"] if r["source_a"] == "cold" else r["response_b"]
         assert cold in ("Rev-x", "5", "The-x")
     assert rows[2]["is_safety"] is True and rows[0]["is_safety"] is False
-    from llama2_lit.rs import prompt_id as rs_prompt_id
+    from llama2_lit.stages.rs_bag import prompt_id as rs_prompt_id
 
     assert prompt_id("What is 2 + 3?") == rs_prompt_id("What is 2 + 3?")
     again, _ = collect_pairs(prompts, sample, max_tries=3, seed=1, sources=src)
@@ -82,7 +82,7 @@ def test_collect_pairs_rows_schema_resampling_and_sides():
 
 
 def test_parse_sources_rejects_bad_configs(tmp_path):
-    from llama2_lit.collect_stage import parse_sources
+    from llama2_lit.stages.collect import parse_sources
 
     got = parse_sources([{"model": None, "temperature": 0.7}, {"model": str(tmp_path), "temperature": 0.7}])
     assert [s.name for s in got] == ["policy@T0.7", f"{tmp_path.name}@T0.7"] and got[1].model == str(tmp_path)
@@ -280,7 +280,7 @@ def test_stage_collect_end_to_end_then_rm_on_its_pairs(make_cfg, tmp_path):
     from llama2_lit.run import run
 
     cfg = make_cfg(*COLLECT, out=tmp_path / "collect")
-    assert cfg.stage.runner == "llama2_lit.collect_stage.run" and cfg.data._target_.endswith("PromptDataModule")
+    assert cfg.stage.runner == "llama2_lit.stages.collect.run" and cfg.data._target_.endswith("PromptDataModule")
     assert cfg.collect.max_new_tokens == 6 and cfg.collect.num_threads == 1  # conf/scale/collect_tiny.yaml applied
     m = run(cfg)
     d = tmp_path / "collect"
@@ -324,7 +324,7 @@ def test_stage_collect_end_to_end_then_rm_on_its_pairs(make_cfg, tmp_path):
 
 
 def test_stage_collect_bad_input(make_cfg, tmp_path):
-    from llama2_lit.collect_stage import run
+    from llama2_lit.stages.collect import run
 
     prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": "Say hi"}, {"prompt": "Tell a joke"}])
     bad = [(["collect.annotator=human"], "collect.annotator"),

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from llama2_lit.engine import Engine, Sampling, encode_prompts, generate, left_pad, sample_tokens, top_p_filter
+from llama2_lit.generation.engine import Engine, Sampling, encode_prompts, generate, left_pad, sample_tokens, top_p_filter
 from llama2_lit.errors import UserError
 from llama2_lit.models.loading import load_causal_lm
 
@@ -128,7 +128,7 @@ def test_sampler_draws_from_the_tempered_distribution():
 
 
 def test_generate_wrapper_keeps_the_generation_module_contract(tok):
-    """``engine.generate`` takes ``llama2_lit.generation.generate``'s arguments and returns the same texts (greedy)
+    """``engine.generate`` takes ``llama2_lit.generation.engine.generate``'s arguments and returns the same texts (greedy)
     as HF generate does, so generation.py can delegate to it."""
     model = tiny(tok, seed=3)
     ids, mask = batch(tok)

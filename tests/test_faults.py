@@ -139,7 +139,7 @@ def test_second_pipeline_on_a_pipeline_dir_in_use_is_refused_before_writing_anyt
 
 
 def test_pipeline_takes_over_the_lock_of_a_killed_pipeline_and_its_steps_run(make_cfg, tmp_path, caplog):
-    from llama2_lit.pipeline import run
+    from llama2_lit.stages.pipeline import run
     from tests.test_pipeline import fake_runner
 
     root = tmp_path / "p"
@@ -151,7 +151,7 @@ def test_pipeline_takes_over_the_lock_of_a_killed_pipeline_and_its_steps_run(mak
         held_during_steps.append(Holder.parse((root / LOCK_NAME).read_text()).pid)
         fake_runner(calls)(step, extra)
 
-    with caplog.at_level("WARNING", logger="llama2_lit.pipeline"):
+    with caplog.at_level("WARNING", logger="llama2_lit.stages.pipeline"):
         run(make_cfg("stage=pipeline", f"pipeline.root={root}", "pipeline.iterations=1", out=tmp_path / "run"),
             runner=runner)
     assert [r.getMessage() for r in caplog.records if "took over" in r.getMessage()] == [

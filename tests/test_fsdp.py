@@ -290,7 +290,7 @@ class PPOProbe(L.Callback):
         self.patches[0].start()
 
     def on_train_start(self, trainer, pl_module):
-        from llama2_lit.engine import Engine, Sampling
+        from llama2_lit.generation.engine import Engine, Sampling
         from llama2_lit.models.sharding import fsdp_modules, local_numel
 
         for patch in self.patches:
@@ -327,7 +327,7 @@ def test_ppo_sharded_on_two_processes_gathers_for_generation_and_loads_shard_by_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from llama2_lit.engine import Engine, Sampling
+    from llama2_lit.generation.engine import Engine, Sampling
 
     run_dir, took = _launch(tmp_path / "out", cache_dir, f"model.path={parts / 'policy'}",
                             f"ppo.reward_models.helpfulness={parts / 'helpfulness'}",

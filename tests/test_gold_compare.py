@@ -1,11 +1,11 @@
-"""llama2_lit.gold_compare: paired differences hand-worked; a policy against itself differs by exactly 0, against
+"""llama2_lit.tools.gold_compare: paired differences hand-worked; a policy against itself differs by exactly 0, against
 another policy by the difference of the two means."""
 import json
 
 import pytest
 import torch
 
-from llama2_lit.gold_compare import main, paired_difference
+from llama2_lit.tools.gold_compare import main, paired_difference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +41,7 @@ def test_compare_two_policies_on_held_out_prompts(tmp_path, tok):
 
 
 def test_selection_quality_hand_worked():
-    from llama2_lit.gold_compare import selection_quality
+    from llama2_lit.tools.gold_compare import selection_quality
 
     gold = torch.tensor([[0.0, 1.0, 0.5], [0.2, 0.2, 0.8]], dtype=torch.float64)
     rm = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]], dtype=torch.float64)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from callbacks.gold_eval import GoldEvalCallback, mean_and_se
-from llama2_lit import world
-from llama2_lit.generation import generate
+from llama2_lit.world import oracle as world
+from llama2_lit.generation.engine import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

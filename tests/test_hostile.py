@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from data_modules import annotations, preferences, records
-from data_modules.rs import PromptDataModule
+from data_modules.prompts import PromptDataModule
 from data_modules.sources import iter_records
 from llama2_lit.errors import DataError, UserError
 
@@ -594,7 +594,7 @@ def test_sft_data_module_on_hostile_files(tok, lines, fmt):
 @fuzz(60)
 @given(settings_=st.dictionaries(st.text(max_size=8), values, max_size=4), iteration=st.integers(1, 10 ** 6))
 def test_bag_sample_set_folders_stay_inside_the_bag(settings_, iteration):
-    from llama2_lit.rs import Bag, settings_key
+    from llama2_lit.stages.rs_bag import Bag, settings_key
 
     key = settings_key(settings_)  # settings hold prompt text, model paths, ...: only their hash names a folder
     assert re.fullmatch(r"[0-9a-f]{12}", key)

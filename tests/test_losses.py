@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from llama2_lit.losses import IGNORE_INDEX, masked_lm_loss, ranking_loss
+from llama2_lit.core.losses import IGNORE_INDEX, masked_lm_loss, ranking_loss
 
 
 def test_masked_lm_loss_hand_computed():
@@ -73,7 +73,7 @@ def test_adamw_cosine_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_ppo_policy_loss_clipped_ratio_example():
-    from llama2_lit.losses import ppo_policy_loss
+    from llama2_lit.core.losses import ppo_policy_loss
 
     # ratios 1.5, 0.5, 1.1 on three tokens, advantages +1, +1, -1, clip 0.2
     old = torch.zeros(1, 3)
@@ -92,7 +92,7 @@ def test_ppo_policy_loss_clipped_ratio_example():
 
 
 def test_value_loss_clips_the_update():
-    from llama2_lit.losses import value_loss
+    from llama2_lit.core.losses import value_loss
 
     old = torch.tensor([[0.0, 0.0]])
     values = torch.tensor([[1.0, 0.1]])

@@ -19,7 +19,7 @@ def test_world_tokenizer_has_real_special_tokens_and_splits_digits(tok):
 
 
 def test_world_tokenizer_is_cached_and_deterministic(cache_dir, tok):
-    from llama2_lit.models.world_tokenizer import build_world_tokenizer
+    from llama2_lit.world.tokenizer import build_world_tokenizer
 
     again = build_world_tokenizer(vocab_size=512, cache_dir=cache_dir)
     fresh = build_world_tokenizer(vocab_size=512, cache_dir=None)  # trained anew
@@ -52,7 +52,7 @@ def test_paths_and_hub_ids():
 
 
 def test_generate_batches_with_left_padding_like_single_prompts(tok):
-    from llama2_lit.generation import generate
+    from llama2_lit.generation.engine import generate
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,

@@ -4,7 +4,7 @@ import torch
 from data_modules.packing import _best_fit_decreasing, _closest_subset, _fill_and_close, pack
 from data_modules.records import tokenize_chat, tokenize_text
 from data_modules.sft import collate_rows
-from llama2_lit.losses import IGNORE_INDEX
+from llama2_lit.core.losses import IGNORE_INDEX
 
 M = IGNORE_INDEX
 

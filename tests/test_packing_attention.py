@@ -4,7 +4,7 @@ import torch
 
 from data_modules.packing import pack
 from data_modules.sft import collate_rows
-from llama2_lit.losses import masked_lm_loss
+from llama2_lit.core.losses import masked_lm_loss
 from llama2_lit.models import packed_attention
 from llama2_lit.models.packed_attention import PackedRows, documents, packed_sdpa_mask
 

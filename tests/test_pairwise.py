@@ -11,7 +11,7 @@ from data_modules.pairwise import (LengthGroupedBatchSampler, PairwiseDataModule
                                    encode_pairs, encode_response)
 from data_modules.preferences import to_pair
 from data_modules.synthetic_pairs import annotate, build_synthetic_pairs, make_pairs, rate, sample_perturb
-from llama2_lit import world
+from llama2_lit.world import oracle as world
 from llama2_lit.errors import DataError, UserError
 from tests.conftest import shared_data
 

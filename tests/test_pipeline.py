@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llama2_lit.errors import UserError
-from llama2_lit.pipeline import execute, plan, report, run
+from llama2_lit.stages.pipeline import execute, plan, report, run
 
 
 def opts(root, iterations=5, ppo_from=4, **extra):

@@ -57,7 +57,7 @@ def test_beta_is_read_from_the_model_config(make_cfg):
 
 def test_ppo_stage_composes_with_prompt_data_and_paper_defaults(make_cfg):
     cfg = make_cfg("stage=ppo", "model=llama2_7b", small=False)
-    assert cfg.data._target_ == "data_modules.rs.PromptDataModule"
+    assert cfg.data._target_ == "data_modules.prompts.PromptDataModule"
     assert cfg.data.num_batches == cfg.ppo.iterations == 200
     assert (cfg.stage.batch_size, cfg.ppo.mini_batch_size, cfg.ppo.clip, cfg.ppo.lr) == (512, 64, 0.2, 1e-6)
     assert (cfg.ppo.safety_threshold, list(cfg.ppo.betas), cfg.ppo.eps, cfg.ppo.weight_decay) == (
@@ -149,7 +149,7 @@ def test_critic_with_another_tokenizer_is_refused(make_cfg, parts, cache_dir, tm
 
 
 def test_prompts_without_a_safety_tag_default_to_false_and_are_counted(tmp_path, tok):
-    from data_modules.rs import PromptDataModule
+    from data_modules.prompts import PromptDataModule
 
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a"}\n{"prompt": "b", "is_safety": true}\n{"prompt": "c"}\n')
@@ -166,7 +166,7 @@ def test_prompts_without_a_safety_tag_default_to_false_and_are_counted(tmp_path,
 
 
 def test_missing_prerequisites_are_clear_errors(make_cfg, tmp_path):
-    from llama2_lit.bootstrap import prepare_ppo
+    from llama2_lit.stages.bootstrap import prepare_ppo
 
     with pytest.raises(UserError, match="model.path, ppo.reward_models.helpfulness, ppo.reward_models.safety"):
         prepare_ppo(make_cfg("stage=ppo", "ppo.bootstrap.enabled=false"))

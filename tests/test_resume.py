@@ -112,7 +112,7 @@ def test_resumable_loader_keeps_the_old_order_and_resumes_mid_epoch():
 
     from data_modules.pairwise import LengthGroupedBatchSampler
     from data_modules.resumable import EpochRandomSampler, ResumableDataLoader
-    from data_modules.rs import CyclingSampler
+    from data_modules.prompts import CyclingSampler
 
     ds = list(range(37))
     # the order of DataLoader(shuffle=True, generator=seeded), pass after pass, as a function of (seed, epoch)

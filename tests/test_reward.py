@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Llam
 from data_modules.pairwise import collate_pairs, encode_pairs, pad_right
 from data_modules.preferences import to_pair
 from llama2_lit.errors import UserError
-from llama2_lit.losses import ranking_loss
+from llama2_lit.core.losses import ranking_loss
 from llama2_lit.models.loading import llama_config
 from llama2_lit.models.reward import freeze_lower_layers, load_exported, load_reward_model, rewards, score
 from llama2_lit.run import build, run
@@ -168,7 +168,7 @@ def test_rm_configs_compose(overrides, make_cfg):
 
 
 def test_margin_summary_table(tmp_path):
-    from llama2_lit.summarize import write_table
+    from llama2_lit.tools.summarize import write_table
 
     for i, (margin, accs) in enumerate([("large", (0.9, 0.7, 0.6, 0.5)), ("none", (0.8, 0.6, 0.55, 0.5)),
                                         ("small", (0.85, 0.65, 0.6, 0.45))]):

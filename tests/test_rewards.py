@@ -1,11 +1,11 @@
-"""The PPO reward pieces against hand-worked numbers (llama2_lit/rewards.py, llama2_lit/losses.py)."""
+"""The PPO reward pieces against hand-worked numbers (llama2_lit/core/rl.py, llama2_lit/core/losses.py)."""
 import math
 
 import pytest
 import torch
 
-from llama2_lit.losses import explained_variance, masked_entropy, token_logprobs
-from llama2_lit.rewards import RunningMoments, gae, kl_penalty, logit, safety_gated_reward, token_rewards, whiten
+from llama2_lit.core.losses import explained_variance, masked_entropy, token_logprobs
+from llama2_lit.core.rl import RunningMoments, gae, kl_penalty, logit, safety_gated_reward, token_rewards, whiten
 
 
 def close(t: torch.Tensor, expected, atol=1e-6):

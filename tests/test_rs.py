@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llama2_lit.errors import UserError
-from llama2_lit.rewards import safety_gated_reward
-from llama2_lit.rs import (BAG_COLUMNS, Bag, best_of_n_curves, reward_table, select_best, selection_iterations,
+from llama2_lit.core.rl import safety_gated_reward
+from llama2_lit.stages.rs_bag import (BAG_COLUMNS, Bag, best_of_n_curves, reward_table, select_best, selection_iterations,
                            tokenizer_fingerprint)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: single-threaded tiny models
@@ -105,7 +105,7 @@ def _two_iteration_bag(root):
 def test_all_iterations_versus_previous_iteration_on_a_two_iteration_bag(tmp_path):
     from omegaconf import OmegaConf
 
-    from llama2_lit.rs_stage import _select
+    from llama2_lit.stages.rs import _select
 
     bag = _two_iteration_bag(tmp_path / "bag")
     assert bag.iterations() == [1, 2]
@@ -135,7 +135,7 @@ def test_samples_scored_by_older_reward_models_are_rescored(tmp_path):
     import datasets
     from omegaconf import OmegaConf
 
-    from llama2_lit.rs_stage import _select
+    from llama2_lit.stages.rs import _select
 
     bag = Bag(tmp_path / "bag")
     d1, _ = bag.open_set(1, {"run": 1}, 1)
@@ -194,7 +194,7 @@ def _bag_rows(root):
 
 
 def test_rs_stage_writes_curves_bag_and_selection(make_cfg, tmp_path):
-    from llama2_lit.rs_stage import run
+    from llama2_lit.stages.rs import run
 
     cfg = make_cfg(*RS, "logger=tensorboard", f"rs.bag_dir={tmp_path}/bag", out=tmp_path / "run")
     m = run(cfg)
@@ -214,7 +214,7 @@ def test_rs_stage_writes_curves_bag_and_selection(make_cfg, tmp_path):
 
 
 def test_rs_resumes_after_a_crash_and_a_second_iteration_selects_from_both(make_cfg, tmp_path, monkeypatch):
-    from llama2_lit import rs_stage
+    from llama2_lit.stages import rs as rs_stage
 
     ref = make_cfg(*RS, f"rs.bag_dir={tmp_path}/ref", out=tmp_path / "ref_run")
     rs_stage.run(ref)
@@ -248,7 +248,7 @@ def test_rs_resumes_after_a_crash_and_a_second_iteration_selects_from_both(make_
 
 
 def test_rs_bad_input(make_cfg, tmp_path):
-    from llama2_lit.rs_stage import run
+    from llama2_lit.stages.rs import run
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -265,7 +265,7 @@ def test_rs_bad_input(make_cfg, tmp_path):
 def test_reward_model_with_another_tokenizer_scores_through_text(tok, cache_dir, tmp_path):
     from llama2_lit.models.loading import load_tokenizer
     from llama2_lit.models.reward import export_reward_model, load_reward_model, score
-    from llama2_lit.rs_stage import RMScorer
+    from llama2_lit.stages.rs import RMScorer
 
     rm_tok = load_tokenizer(kind="world_bpe", vocab_size=400, cache_dir=cache_dir)
     dims = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -287,7 +287,7 @@ def test_reward_model_with_another_tokenizer_scores_through_text(tok, cache_dir,
 
 
 def test_rs_distill_end_to_end_and_tokenizer_check(make_cfg, tmp_path):
-    from llama2_lit.rs_stage import run as run_rs
+    from llama2_lit.stages.rs import run as run_rs
     from llama2_lit.run import run
 
     run_rs(make_cfg(*RS, f"rs.bag_dir={tmp_path}/bag", out=tmp_path / "rs"))
@@ -311,7 +311,7 @@ def test_rs_distill_end_to_end_and_tokenizer_check(make_cfg, tmp_path):
 
 
 def test_prompt_data_from_a_file_and_the_world(tok, tmp_path):
-    from data_modules.rs import PromptDataModule, RSSelectionDataModule
+    from data_modules.prompts import PromptDataModule, RSSelectionDataModule
     from data_modules.sft import PackedSFTDataModule
     from llama2_lit.errors import DataError
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from llama2_lit import world
-from llama2_lit.world import (
+from llama2_lit.world import oracle as world
+from llama2_lit.world.oracle import (
     FAMILIES,
     REFUSAL,
     SAFETY_FAMILIES,

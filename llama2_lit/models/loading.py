@@ -78,7 +78,7 @@ def load_tokenizer(kind: str = "pretrained", path: str | None = None, chat_templ
 
 
 def _world(vocab_size: int, cache_dir: str | None):
-    from llama2_lit.models.world_tokenizer import build_world_tokenizer
+    from llama2_lit.world.tokenizer import build_world_tokenizer
 
     return build_world_tokenizer(vocab_size=vocab_size, cache_dir=cache_dir)
 

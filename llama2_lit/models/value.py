@@ -27,7 +27,7 @@ def load_value_model(init: str, policy_cfg: Mapping[str, Any], tokenizer, reward
     ``init=reward``: the exported reward model at ``reward_path``; refused when its tokenizer differs from the
     policy's. ``init=policy``: the policy checkpoint (``policy_cfg``) with a new scalar head.
     """
-    from llama2_lit.rs import tokenizer_fingerprint
+    from llama2_lit.stages.rs_bag import tokenizer_fingerprint
 
     if init not in VALUE_INITS:
         raise UserError(f"ppo.value_init: unknown '{init}' (choose {list(VALUE_INITS)})")

@@ -11,7 +11,7 @@ One ``training_step`` is one PPO iteration over a batch of prompts (Lightning ma
 5. ``ppo_epochs`` passes over shuffled mini-batches, one AdamW step per mini-batch (policy clipped surrogate +
    clipped value loss; gradients clipped per model).
 
-All the math is in ``llama2_lit/rewards.py`` and ``llama2_lit/losses.py``; this file wires it. The reference
+All the math is in ``llama2_lit/core/rl.py`` and ``llama2_lit/core/losses.py``; this file wires it. The reference
 model and the reward models are frozen, in eval mode, under ``no_grad`` (bf16 on GPU by default) and are not
 part of the module's state dict, so checkpoints hold the policy, the critic and the optimizer only.
 
@@ -19,7 +19,7 @@ part of the module's state dict, so checkpoints hold the policy, the critic and 
 1/N of each. Rollouts gather the policy's weights once per rollout phase and free them after
 (``ppo.gather_for_generation``, the Llama 2 paper's fix for FSDP's slow generation); ``false`` samples from the
 sharded policy, every decoding step gathering each layer again. Scoring and the training forwards run sharded.
-Sizes are global (``llama2_lit.batching``): ``stage.batch_size`` prompts per iteration over all ranks, each rank
+Sizes are global (``llama2_lit.core.batching``): ``stage.batch_size`` prompts per iteration over all ranks, each rank
 sampling its ``1/N``; ``ppo.mini_batch_size`` rows per optimizer step over all ranks. R̃_c, the running moments of
 ``ppo.whiten_rewards=running`` and the advantages are whitened with the global batch's statistics, and the loss is
 the mean over the global mini-batch's tokens. A skip (non-finite rewards or loss) is decided for all ranks together.
@@ -37,14 +37,14 @@ from typing import Any, Mapping, Sequence
 import lightning as L
 import torch
 
-from llama2_lit import world
-from llama2_lit.engine import Engine, Sampling
+from llama2_lit.world import oracle as world
+from llama2_lit.generation.engine import Engine, Sampling
 from llama2_lit.errors import UserError
-from llama2_lit.losses import explained_variance, masked_entropy, ppo_policy_loss, token_logprobs, value_loss
+from llama2_lit.core.losses import explained_variance, masked_entropy, ppo_policy_loss, token_logprobs, value_loss
 from llama2_lit.models.loading import load_causal_lm
 from llama2_lit.models.sharding import configure_sharded, gathered, is_sharded, local_numel, lockstep_forwards
 from llama2_lit.models.value import load_value_model, token_values
-from llama2_lit.rewards import RunningMoments, gae, kl_penalty, logit, token_rewards, whiten
+from llama2_lit.core.rl import RunningMoments, gae, kl_penalty, logit, token_rewards, whiten
 
 log = logging.getLogger(__name__)
 WHITEN = ("batch", "running", "none")

@@ -13,7 +13,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from callbacks.rating_buckets import RatingBucketAccuracy, RatingBucketCallback
 from data_modules.pairwise import concat_pairs
 from llama2_lit.errors import UserError
-from llama2_lit.losses import ranking_loss
+from llama2_lit.core.losses import ranking_loss
 from llama2_lit.models.loading import model_dtype
 from llama2_lit.models.lora import merge_lora
 from llama2_lit.models.reward import export_reward_model, load_reward_model, rewards, score
@@ -41,7 +41,7 @@ class RewardModule(L.LightningModule):
             (paper: 3%, at least 5); min_lr_ratio: the cosine floor (paper: 10% of peak).
         pairs_per_step: pairs per optimizer step over all ranks (paper: 512), recorded here; ``run.build``
             derives each rank's gradient accumulation from it, the micro-batch (``stage.batch_size``) and the
-            world size (``llama2_lit.batching``).
+            world size (``llama2_lit.core.batching``).
         freeze_layers: freeze embeddings and the lowest N decoder layers (negative: all but the top -N);
             null = ``model_cfg.freeze_layers`` or 0.
         reward_name, margin: recorded in the exported ``config.json`` (``llama2_lit``), nothing else.

@@ -12,7 +12,7 @@ from llama2_lit.models.loading import model_dtype, save_pretrained_as
 from llama2_lit.models.lora import merge_lora
 from llama2_lit.models.sharding import configure_sharded
 from llama2_lit.modules.sft import SFTModule, token_loss
-from llama2_lit.rs import tokenizer_fingerprint
+from llama2_lit.stages.rs_bag import tokenizer_fingerprint
 
 
 class RSDistillModule(L.LightningModule):

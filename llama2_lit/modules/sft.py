@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 
-from llama2_lit.losses import IGNORE_INDEX, masked_lm_loss
+from llama2_lit.core.losses import IGNORE_INDEX, masked_lm_loss
 from llama2_lit.models.loading import load_causal_lm, model_dtype, save_pretrained_as
 from llama2_lit.models.lora import merge_lora
 from llama2_lit.models.sharding import configure_sharded

@@ -5,20 +5,16 @@ in mini-batches of 64 (one optimizer step each). A config states them once (``st
 ``stage.pairs_per_step``, ``ppo.mini_batch_size``); this module derives, from the world size (ranks = devices x
 nodes), what one rank loads per forward (the micro-batch) and how many micro-batches it accumulates per step, and
 refuses, in one line, a size that does not divide. Pure functions (no torch.distributed): the memory planner
-calls them with the planned GPU count, :func:`configure` with the trainer's world size.
+calls them with the planned GPU count, ``run.configure_batches`` with the trainer's world size.
 
     split(64, world=8, micro=4)   # BatchSplit(global_size=64, world=8, per_rank=8, micro=4, accumulate=2)
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from llama2_lit.errors import UserError
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class BatchSplit:
@@ -111,26 +107,3 @@ def plan_sizes(stage: Mapping[str, Any], ppo: Mapping[str, Any] | None, world: i
     if kind == "pairs":
         return split_pairs(int(stage.get("pairs_per_step") or stage["batch_size"]), int(stage["batch_size"]), world)
     return split(int(stage["batch_size"]), world, micro=micro, accumulate=accumulate)
-
-
-def configure(cfg, datamodule, trainer, micro: int | None = None) -> BatchSplit | PPOSplit:
-    """Set the DataModule's per-rank batch size and the trainer's gradient accumulation from the global sizes of
-    ``cfg`` and the trainer's world size; log them once (rank 0)."""
-    from omegaconf import OmegaConf
-
-    stage = OmegaConf.to_container(cfg.stage, resolve=True)
-    ppo = OmegaConf.to_container(cfg.ppo, resolve=True) if cfg.get("ppo") is not None else None
-    world = int(trainer.world_size)
-    accumulate = int(trainer.accumulate_grad_batches)
-    s = plan_sizes(stage, ppo, world, micro=micro, accumulate=None if accumulate == 1 else accumulate)
-    if isinstance(s, PPOSplit):
-        datamodule.batch_size = s.per_rank
-        text = s.describe()
-    else:
-        datamodule.batch_size = s.micro
-        trainer.accumulate_grad_batches = s.accumulate
-        unit = "pairs" if stage_kind(str(stage["module"]["_target_"])) == "pairs" else "sequences"
-        text = s.describe(unit)
-    if trainer.is_global_zero:
-        log.info("batch sizes: %s", text)
-    return s

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Sampler
 from data_modules.resumable import EpochRandomSampler, ResumableDataLoader
 from data_modules.sft import PackedSFTDataModule
 from data_modules.sources import brief, iter_records
-from llama2_lit import world
+from llama2_lit.world import oracle as world
 from llama2_lit.errors import DataError, UserError
-from llama2_lit.rs import prompt_id
+from llama2_lit.stages.rs_bag import prompt_id
 
 log = logging.getLogger(__name__)
 _SYNTHETIC = {"num_train": 512, "num_val": 0, "num_eval": 128, "safety_fraction": 0.2}
@@ -140,7 +140,7 @@ class PromptDataModule(L.LightningDataModule):
         import torch
 
         # a position Lightning checkpoints (data_modules/resumable.py); orders are functions of (seed, epoch)
-        if self.num_batches:  # num_batches global batches: batch_size is each rank's share (llama2_lit.batching)
+        if self.num_batches:  # num_batches global batches: batch_size is each rank's share (llama2_lit.core.batching)
             world = (torch.distributed.get_world_size()
                      if torch.distributed.is_available() and torch.distributed.is_initialized() else 1)
             sampler = CyclingSampler(len(self.prompts()), self.num_batches * self.batch_size * world, self.seed)

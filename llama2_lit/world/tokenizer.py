@@ -39,7 +39,7 @@ def build_world_tokenizer(vocab_size: int = 512, cache_dir: str | None = None, c
     if target is not None and (target / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(target))
 
-    from llama2_lit import world
+    from llama2_lit.world import oracle as world
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(

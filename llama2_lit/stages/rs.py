@@ -3,7 +3,7 @@
     python -m llama2_lit stage=rs data=rs_prompts model.path=<policy>/hf \\
         rs.reward_models.helpfulness=<rm run>/hf rs.reward_models.safety=<rm run>/hf
 
-1. K samples per prompt from the policy (``llama2_lit.engine``), in chunks of ``stage.batch_size`` prompts;
+1. K samples per prompt from the policy (``llama2_lit.generation.engine``), in chunks of ``stage.batch_size`` prompts;
 2. each scored by the reward models through the safety-gated reward
    ``R_c = R_s if IS_SAFETY(p) or R_s < 0.15 else R_h`` (scores on the sigmoid scale);
 3. each chunk appended to the persistent sample bag (``rs.bag_dir``; atomic per chunk, resumable);
@@ -31,12 +31,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from llama2_lit import world
-from llama2_lit.engine import Engine, Sampling
+from llama2_lit.world import oracle as world
+from llama2_lit.generation.engine import Engine, Sampling
 from llama2_lit.errors import UserError
 from llama2_lit.scoring import GoldScorer, RMScorer, build_scorer, gated  # noqa: F401 (RMScorer: re-exported)
 from llama2_lit.scoring import folder_fingerprint as _folder_fingerprint
-from llama2_lit.rs import (Bag, best_of_n_curves, max_median_figure, reward_table, select_best, selection_iterations,
+from llama2_lit.stages.rs_bag import (Bag, best_of_n_curves, max_median_figure, reward_table, select_best, selection_iterations,
                            tokenizer_fingerprint)
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Sample, score, bag, plot and select (see the module docstring); returns the metrics of ``metrics.json``."""
     import lightning as L
 
-    from data_modules.rs import PromptDataModule
+    from data_modules.prompts import PromptDataModule
     from llama2_lit.models.loading import load_causal_lm
 
     out = Path(cfg.paths.output_dir)
@@ -288,9 +288,9 @@ def temperature_sweep_figure(sweep_dir: str | Path) -> Path:
     return out
 
 
-if __name__ == "__main__":  # python -m llama2_lit.rs_stage fig8 outputs/multirun/<rs temperature sweep>
+if __name__ == "__main__":  # python -m llama2_lit.stages.rs fig8 outputs/multirun/<rs temperature sweep>
     import sys
 
     if len(sys.argv) != 3 or sys.argv[1] != "fig8":
-        sys.exit("usage: python -m llama2_lit.rs_stage fig8 <sweep dir>")
+        sys.exit("usage: python -m llama2_lit.stages.rs fig8 <sweep dir>")
     print(f"wrote {temperature_sweep_figure(sys.argv[2])}")

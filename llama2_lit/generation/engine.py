@@ -594,13 +594,13 @@ class Engine:
         return self._finish(ids, mask, k, out, live, lps, done)
 
 
-# ------------------------------------------------------------------------- llama2_lit.generation.generate
+# ------------------------------------------------------------------------- llama2_lit.generation.engine.generate
 
 
 def generate(model, tokenizer, prompts: Sequence[str | list[dict]], max_new_tokens: int = 32,
              batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              num_return_sequences: int = 1, seed: int | None = None, **engine_kwargs) -> list[list[str]]:
-    """``llama2_lit.generation.generate`` on the engine: one list of ``num_return_sequences`` strings per prompt.
+    """``llama2_lit.generation.engine.generate`` on the engine: one list of ``num_return_sequences`` strings per prompt.
 
     ``batch_size`` counts prompts per engine call (each with its ``num_return_sequences`` samples).
     ``seed`` None draws each batch's seed from the global torch RNG.

@@ -5,7 +5,7 @@
 1. For every prompt (``data=rs_prompts``: world prompts, or ``data.path=<file with prompt / is_safety>``), one
    response from each of two sources (``collect.sources``): the paper samples "from two different model
    variants, and varying the temperature hyper-parameter"; a source is a model (null: the policy ``model.path``)
-   and a temperature. Generation runs through the engine (``llama2_lit.engine``), in chunks of
+   and a temperature. Generation runs through the engine (``llama2_lit.generation.engine``), in chunks of
    ``collect.batch_size`` prompts, each draw seeded by (``collect.seed``, try, source, chunk).
 2. A pair whose responses are identical or empty carries no preference: both are drawn again, up to
    ``collect.max_tries`` draws in all, then the prompt is counted as ``unpaired`` and left out.
@@ -38,8 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_modules.annotations import SIMULATED_OUTCOMES, ingest, new_row, simulate_row, write_jsonl
 from data_modules.preferences import RATINGS
-from llama2_lit import world
-from llama2_lit.engine import Engine, Sampling
+from llama2_lit.world import oracle as world
+from llama2_lit.generation.engine import Engine, Sampling
 from llama2_lit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Sample pairs, write the annotation files, annotate (simulated) and ingest; returns ``metrics.json``."""
     import lightning as L
 
-    from data_modules.rs import PromptDataModule
+    from data_modules.prompts import PromptDataModule
 
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,2 @@
+"""Generation: the batched sampling engine (engine.py). Imports models and core; used by stages, modules and callbacks.
+"""
