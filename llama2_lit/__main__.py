@@ -1,4 +1,7 @@
-"""python -m llama2_lit stage=<name> [hydra overrides]   (see conf/config.yaml)"""
+"""python -m llama2_lit stage=<name> [hydra overrides]   (see conf/config.yaml; the stages: llama2_lit.run.STAGES)
+
+Entry layer: Hydra composes the config, ``llama2_lit.run.run`` runs it; errors meant for the user become one line.
+"""
 from __future__ import annotations
 
 import sys
@@ -8,6 +11,8 @@ from omegaconf import DictConfig
 
 from llama2_lit import config as _config  # noqa: F401  (registers the ${project_root:} resolver)
 from llama2_lit.errors import Preempted, UserError
+from llama2_lit.models.rank_watch import rank_lost
+from llama2_lit.run import run
 
 
 def _user_error(e: BaseException | None) -> UserError | None:
@@ -19,20 +24,11 @@ def _user_error(e: BaseException | None) -> UserError | None:
     return None
 
 
-def _rank_lost(e: BaseException):
-    """trainer=fsdp: a rank that died or stopped answering, behind ``e`` (a failed collective), as the one line to
-    print (``llama2_lit.models.sharding.RankLost``, exit code 69); None for other errors."""
-    mod = sys.modules.get("llama2_lit.models.sharding")  # only a run that imported it can have lost a rank
-    return mod.rank_lost(e) if mod is not None else None
-
-
 # The run directory is locked before Hydra writes into it (hydra.callbacks.run_lock in conf/config.yaml,
 # llama2_lit/run_lock.py): a second command on a directory in use prints "error: <dir> is in use by pid ..." and
 # exits 2 without touching it.
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from llama2_lit.run import run
-
     try:
         metrics = run(cfg)
     except Preempted as e:  # SIGTERM/SIGUSR1: a checkpoint was saved; rerun with ckpt_path=last
@@ -41,7 +37,7 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as e:  # noqa: BLE001 - a user error (possibly wrapped by hydra.utils.instantiate) is one line
         user = _user_error(e)
         if user is None:
-            lost = _rank_lost(e)
+            lost = rank_lost(e)  # trainer=fsdp: a rank that died or stopped answering (exit code 69); else None
             if lost is None:
                 raise
             print(f"error: {lost}", file=sys.stderr)  # e.g. rank 1 (pid 4255) stopped answering: it was killed ...

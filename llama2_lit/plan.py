@@ -19,11 +19,15 @@ The arithmetic is in pure functions over a :class:`Shape`; every figure is bytes
   inter-node traffic per token) plus the KV cache ``2·L·b·(prompt+new)·h_kv`` in the compute dtype;
 - a fixed allowance for the CUDA context and allocator fragmentation.
 The peak is the larger of the training phase and the generation phase.
+
+Entry layer (``llama2_lit.run`` refuses a sharded GPU run that does not fit): imports ``core.batching``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from llama2_lit.core.batching import BatchSplit, plan_sizes
 
 GIB = 1024 ** 3
 
@@ -200,8 +204,6 @@ def plan_from_cfg(cfg) -> tuple[Plan, int | None, str]:
     sizes = None
     micro = int(cfg.stage.get("batch_size", 1))
     if cfg.stage.get("module") is not None and stage not in ("rs", "collect", "pipeline"):
-        from llama2_lit.core.batching import BatchSplit, plan_sizes
-
         stage_d = OmegaConf.to_container(cfg.stage, resolve=True)
         ppo_d = OmegaConf.to_container(cfg.ppo, resolve=True) if cfg.get("ppo") is not None else None
         acc = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)

@@ -1,9 +1,17 @@
-"""run(cfg): instantiate the DataModule, the stage's LightningModule and the Trainer; fit; write outputs.
+"""The entry's run: the :data:`STAGES` table (every stage name and what runs it), the checks made before anything
+loads, and fitting a stage's LightningModule.
+
+``run(cfg)``: validate the options (``llama2_lit.options``), look the stage up in :data:`STAGES`, then either hand
+the config to the stage's runner (rs, collect, pipeline: work that is not one fit) or build the DataModule, the
+stage's LightningModule and the Trainer, fit, and write the outputs. A stage's ``prepare`` step (e.g. stage=ppo's
+bootstrap, ``llama2_lit.stages.bootstrap``) first trains what the stage lacks.
 
 Outputs in ``cfg.paths.output_dir``: ``metrics.json`` (flat final scalars, reproducible for a seed),
 ``perf.json`` (timings, ``perf/*`` and ``time/*``, which are not), ``hf/`` (model + tokenizer,
 ``from_pretrained``-ready),
 ``checkpoints/`` and ``tensorboard/`` (Lightning), ``.hydra/`` (Hydra).
+
+Entry layer: imports every layer below it (stages, modules, callbacks, models, core).
 """
 from __future__ import annotations
 
@@ -11,7 +19,9 @@ import copy
 import json
 import logging
 import math
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +39,36 @@ from callbacks.preemption import PREEMPTED_EXIT_CODE, Preemption
 from callbacks.resume import CarriedMetrics, EpochEndResume, ResumeState
 from llama2_lit.core.batching import BatchSplit, PPOSplit, plan_sizes, stage_kind
 from llama2_lit.errors import Preempted, UserError
+from llama2_lit.models.sharding import gather_full_
+from llama2_lit.modules.ppo import PPOModule
+from llama2_lit.modules.reward import RewardModule
+from llama2_lit.modules.sft import RSDistillModule, SFTModule
+from llama2_lit.options import validate
+from llama2_lit.plan import plan_from_cfg
+from llama2_lit.stages import bootstrap, collect, pipeline, rs
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What runs a stage: a fit of ``module`` (a LightningModule; ``cfg.stage.module`` holds its options and names it
+    for Hydra's instantiate), or ``runner(cfg)`` (returns the metrics), after ``prepare(cfg)`` when given (it trains
+    what the stage lacks and fills the config in)."""
+    module: type[L.LightningModule] | None = None
+    runner: Callable[[DictConfig], dict[str, float]] | None = None
+    prepare: Callable[[DictConfig], Any] | None = None
+
+
+# every stage (conf/stage/<name>.yaml): where `python -m llama2_lit stage=<name>` goes
+STAGES: dict[str, Stage] = {
+    "pretrain": Stage(module=SFTModule),
+    "sft": Stage(module=SFTModule),
+    "rm": Stage(module=RewardModule),
+    "rs": Stage(runner=rs.run, prepare=bootstrap.prepare_rs),
+    "rs_distill": Stage(module=RSDistillModule, prepare=bootstrap.prepare_rs_distill),
+    "ppo": Stage(module=PPOModule, prepare=bootstrap.prepare_ppo),
+    "collect": Stage(runner=collect.run, prepare=bootstrap.prepare_collect),
+    "pipeline": Stage(runner=pipeline.run),
+}
 
 log = logging.getLogger(__name__)
 
@@ -153,29 +193,78 @@ def build(cfg: DictConfig):
     return datamodule, module, trainer
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train the configured stage; return the metrics written to ``metrics.json``."""
-    if cfg.get("plan"):
-        from llama2_lit.plan import plan_from_cfg
+def stage_of(cfg: DictConfig) -> Stage:
+    """The :data:`STAGES` entry of ``cfg.stage.name``."""
+    name = str(cfg.stage.name)
+    if name not in STAGES:
+        raise UserError(f"stage.name: unknown '{name}' (choose {', '.join(STAGES)}: llama2_lit.run.STAGES)")
+    return STAGES[name]
 
+
+def check_stage_shards(cfg: DictConfig, module: type) -> None:
+    """Stop before any work when the trainer shards (``trainer=fsdp``) but the stage's module cannot."""
+    strategy = cfg.trainer.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, Mapping) else str(strategy or "")
+    if not target.endswith(("FSDP2Strategy", "ModelParallelStrategy")):
+        return
+    if module.configure_model is L.LightningModule.configure_model:
+        raise UserError(f"trainer=fsdp: stage={cfg.stage.name} ({module.__name__}) does not shard its models yet (no "
+                        "configure_model): train this stage with trainer=gpu or trainer=cpu")
+    check_plan_fits(cfg)
+
+
+def check_plan_fits(cfg: DictConfig) -> None:
+    """Refuse a sharded GPU run that the memory planner says will not fit (``planner.force=true`` overrides).
+
+    CPU runs (the 2-process gloo test) and models without ``config`` dimensions are not planned."""
+    if str(cfg.trainer.get("accelerator", "auto")) not in ("gpu", "cuda"):
+        return
+    pc = cfg.get("planner") or {}
+    if pc.get("force", False) or not cfg.model.get("config"):
+        return
+    plan, need, text = plan_from_cfg(cfg)
+    if plan.fits:
+        return
+    advice = f"{need} GPUs is the smallest count that fits" if need else "no GPU count up to 4096 fits"
+    raise UserError(f"the memory plan says this run does not fit: peak {plan.peak / 2**30:.2f} GiB per GPU on "
+                    f"{plan.gpus} GPUs of {plan.gpu_memory_gib:.0f} GiB ({advice}). Raise trainer.num_nodes / "
+                    f"trainer.devices, turn on model.gradient_checkpointing or planner.offload, lower the micro-batch, "
+                    f"or set planner.force=true to launch anyway.\n{text}")
+
+
+def export_hf(module, out: Path) -> None:
+    """The trained model as a ``from_pretrained``-ready folder: ``module.export`` when the module has one."""
+    if hasattr(module, "export"):
+        module.export(out)
+    else:
+        module.model.save_pretrained(out)
+        module.tokenizer.save_pretrained(out)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Run the configured stage (see :data:`STAGES`); return the metrics written to ``metrics.json``."""
+    stage = stage_of(cfg)
+    validate(cfg, stage.module)  # an unknown or mistyped option stops here, before anything loads
+    if cfg.get("plan"):
         plan, need, text = plan_from_cfg(cfg)
         print(text)
         return {"plan/peak_gib": plan.peak / 2**30, "plan/gpus_needed": float(need or 0), "plan/fits": float(plan.fits)}
-    if cfg.stage.get("runner"):  # a stage that is not gradient training (e.g. rejection sampling)
-        from hydra.utils import get_method
+    if stage.runner is not None:  # a stage that is not one gradient fit (e.g. rejection sampling)
+        if stage.prepare is not None:
+            stage.prepare(cfg)
+        return stage.runner(cfg)
+    return fit(cfg, stage)
 
-        return get_method(cfg.stage.runner)(cfg)
-    from llama2_lit.models.sharding import check_stage_shards
 
-    check_stage_shards(cfg)  # trainer=fsdp with a stage that cannot shard: stop before any work
+def fit(cfg: DictConfig, stage: Stage) -> dict[str, float]:
+    """Fit the stage's LightningModule; write ``metrics.json``, ``perf.json`` and ``hf/``."""
+    check_stage_shards(cfg, stage.module)  # trainer=fsdp with a stage that cannot shard: stop before any work
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # ckpt_path=last -> <run dir>/checkpoints/last.ckpt; a damaged checkpoint -> the newest older one that loads
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg, out))
-    if cfg.stage.get("prepare"):  # e.g. stage=ppo: train the SFT policy / reward models it needs when none is given
-        from hydra.utils import get_method
-
-        get_method(cfg.stage.prepare)(cfg)
+    if stage.prepare is not None:  # e.g. stage=ppo: train the SFT policy / reward models it needs when none is given
+        stage.prepare(cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule, module, trainer = build(cfg)
@@ -197,17 +286,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     perf = {k: v for k, v in metrics.items() if k.startswith(timing)}
     metrics = {k: metrics[k] for k in sorted(metrics) if not k.startswith(timing) and not k.endswith("_step")}
     if isinstance(trainer.strategy, ModelParallelStrategy):  # every rank joins the gather; rank 0 exports
-        from llama2_lit.models.sharding import gather_full_
-
         gather_full_(module, keep=trainer.is_global_zero)
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (out / "perf.json").write_text(json.dumps(perf, indent=2, sort_keys=True) + "\n")
-        if hasattr(module, "export"):
-            module.export(out / "hf")
-        else:
-            module.model.save_pretrained(out / "hf")
-            module.tokenizer.save_pretrained(out / "hf")
+        export_hf(module, out / "hf")
         log.info("metrics: %s", json.dumps(metrics))
         log.info("perf: %s", json.dumps(perf))
         log.info("outputs in %s", out)

@@ -87,7 +87,7 @@ def _probe(run_dir: Path, rank: int = 0) -> dict:
 def test_fsdp_two_processes_shard_match_one_process_resume_and_consolidate(make_cfg, tmp_path, cache_dir):
     from transformers import AutoModelForCausalLM
 
-    from llama2_lit.models.sharding import consolidate
+    from llama2_lit.tools.consolidate import consolidate
     from llama2_lit.run import run
 
     # one process, the same global batch (4 rows a step) and the same seeded init. Lightning's DDP with one
@@ -135,6 +135,13 @@ def test_fsdp_two_processes_shard_match_one_process_resume_and_consolidate(make_
 
     # consolidation: the final sharded checkpoint -> an HF folder whose logits are the trained model's
     hf = consolidate(a_dir / "checkpoints" / "last.ckpt", tmp_path / "consolidated")
+    # the README's command (the older module path runs llama2_lit.tools.consolidate): the same folder
+    r = subprocess.run([sys.executable, "-m", "llama2_lit.models.sharding", "consolidate",
+                        str(a_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "cli")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("config.json", "model.safetensors"):
+        assert (tmp_path / "cli" / f).read_bytes() == (hf / f).read_bytes(), f
     model = AutoModelForCausalLM.from_pretrained(hf).eval()
     with torch.no_grad():
         logits = model(input_ids=PROBE_IDS, use_cache=False).logits
@@ -145,6 +152,16 @@ def test_fsdp_two_processes_shard_match_one_process_resume_and_consolidate(make_
         assert k == k2 and torch.equal(v, v2), k
     print(f"consolidated HF logits vs the sharded model's: max |diff| {err:.2e}; runs took {a_time:.0f} s + {b_time:.0f} s")
     assert err < 1e-5
+
+
+def test_consolidate_commands_refuse_a_folder_that_is_no_distributed_checkpoint(tmp_path):
+    """``python -m llama2_lit.tools.consolidate`` and the README's older ``python -m llama2_lit.models.sharding
+    consolidate``: one line, exit 2."""
+    for cmd in (["llama2_lit.tools.consolidate"], ["llama2_lit.models.sharding", "consolidate"]):
+        r = subprocess.run([sys.executable, "-m", *cmd, str(tmp_path), str(tmp_path / "out")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"error: {tmp_path}: not a distributed checkpoint directory" in r.stderr
 
 
 def test_fsdp_with_one_device_is_a_clear_error(make_cfg):
@@ -183,10 +200,12 @@ class NoShard(L.LightningModule):
     """A stage module without ``configure_model`` (every shipped stage has one now)."""
 
 
-def test_fsdp_with_a_stage_that_does_not_shard_stops_before_any_work(make_cfg, tmp_path):
+def test_fsdp_with_a_stage_that_does_not_shard_stops_before_any_work(make_cfg, tmp_path, monkeypatch):
+    from llama2_lit import run as run_module
     from llama2_lit.errors import UserError
-    from llama2_lit.run import run
+    from llama2_lit.run import Stage, run
 
+    monkeypatch.setitem(run_module.STAGES, "sft", Stage(module=NoShard))
     with pytest.raises(UserError, match=r"trainer=fsdp: stage=sft \(NoShard\) does not shard"):
         run(make_cfg("trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
                      "stage.module._target_=tests.test_fsdp.NoShard"))
@@ -387,7 +406,7 @@ def test_reward_model_built_on_meta_and_filled_from_its_files_scores_as_from_pre
     from llama2_lit.errors import UserError
     from llama2_lit.models.init import has_meta, materialize_
     from llama2_lit.models.reward import load_exported, score
-    from llama2_lit.models.sharding import load_safetensors_
+    from llama2_lit.models.shard_loading import load_safetensors_
 
     whole, tok = load_exported(parts / "helpfulness")
     meta, tok2 = load_exported(parts / "helpfulness", on_meta=True)

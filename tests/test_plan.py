@@ -121,7 +121,7 @@ def test_a_sharded_gpu_run_the_plan_says_does_not_fit_is_refused_unless_forced(m
     """stage=ppo on 70B over the preset's 32 GPUs needs 48: refused before any model is built, naming the count;
     planner.force=true launches anyway; 64 GPUs fit; CPU runs are never planned."""
     from llama2_lit.errors import UserError
-    from llama2_lit.models.sharding import check_plan_fits
+    from llama2_lit.run import check_plan_fits
 
     cfg = make_cfg("stage=ppo", "model=llama2_70b", "trainer=fsdp_70b", small=False)
     with pytest.raises(UserError, match=r"does not fit: peak 95\.44 GiB per GPU on 32 GPUs of 80 GiB \(48 GPUs is the"):

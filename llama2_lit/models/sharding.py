@@ -20,20 +20,19 @@ every layer again (:func:`lockstep_forwards` keeps the ranks' collective forward
 
 Checkpoints: Lightning saves a distributed checkpoint directory (``checkpoints/last.ckpt/``: one file of
 shards per rank and ``meta.pt``); ``ckpt_path=<that dir>`` resumes from it. ``hf/`` is written at the end
-of a run by gathering the full weights on rank 0. A checkpoint directory becomes an HF folder with
+of a run by gathering the full weights on rank 0 (:func:`gather_full_`). A checkpoint directory becomes an HF
+folder with ``python -m llama2_lit.tools.consolidate <run>/checkpoints/last.ckpt <out dir> [overrides]``; the
+older command ``python -m llama2_lit.models.sharding consolidate ...`` runs that tool.
 
-    python -m llama2_lit.models.sharding consolidate <run>/checkpoints/last.ckpt <out dir> [overrides]
-
-(the run's ``.hydra/config.yaml`` rebuilds the module; with overrides, ``conf/`` is composed with them instead).
+Reading weights shard by shard (safetensors slices, distributed checkpoints) is ``models/shard_loading.py``;
+whether a stage shards and whether a run fits the GPUs is the entry's decision (``llama2_lit.run``).
+Models layer: imports errors and ``models.{init,rank_watch,shard_loading}``.
 """
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,8 +40,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from llama2_lit.errors import UserError
+from llama2_lit.models.init import has_meta, materialize_
 from llama2_lit.models.rank_watch import (RANK_LOST_EXIT_CODE, RankLost, _PEERS, _set_collective_timeout,  # noqa: F401
                                           _watch_parent, _WatchedLauncher, rank_lost)
+from llama2_lit.models.shard_loading import base_model as _base
+from llama2_lit.models.shard_loading import load_safetensors_, safetensors_index  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +63,6 @@ def mixed_precision_policy(name: str | None, device_type: str):
     if name in ("fp32", "float32", "32"):
         return MixedPrecisionPolicy()
     raise UserError(f"trainer.strategy.mixed_precision: unknown '{name}' (choose auto, bf16, fp32)")
-
-
-def _base(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -189,43 +186,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup(trainer)
 
 
-def check_stage_shards(cfg) -> None:
-    """Stop before any work when the trainer shards (``trainer=fsdp``) but the stage's module cannot."""
-    from hydra.utils import get_class
-    from lightning.pytorch import LightningModule
-
-    strategy = cfg.trainer.get("strategy")
-    target = str(strategy.get("_target_", "")) if isinstance(strategy, Mapping) else str(strategy or "")
-    if not target.endswith(("FSDP2Strategy", "ModelParallelStrategy")):
-        return
-    cls = get_class(cfg.stage.module._target_)
-    if cls.configure_model is LightningModule.configure_model:
-        raise UserError(f"trainer=fsdp: stage={cfg.stage.name} ({cls.__name__}) does not shard its models yet (no "
-                        "configure_model): train this stage with trainer=gpu or trainer=cpu")
-    check_plan_fits(cfg)
-
-
-def check_plan_fits(cfg) -> None:
-    """Refuse a sharded GPU run that the memory planner says will not fit (``planner.force=true`` overrides).
-
-    CPU runs (the 2-process gloo test) and models without ``config`` dimensions are not planned."""
-    if str(cfg.trainer.get("accelerator", "auto")) not in ("gpu", "cuda"):
-        return
-    pc = cfg.get("planner") or {}
-    if pc.get("force", False) or not cfg.model.get("config"):
-        return
-    from llama2_lit.plan import plan_from_cfg
-
-    plan, need, text = plan_from_cfg(cfg)
-    if plan.fits:
-        return
-    advice = f"{need} GPUs is the smallest count that fits" if need else "no GPU count up to 4096 fits"
-    raise UserError(f"the memory plan says this run does not fit: peak {plan.peak / 2**30:.2f} GiB per GPU on "
-                    f"{plan.gpus} GPUs of {plan.gpu_memory_gib:.0f} GiB ({advice}). Raise trainer.num_nodes / "
-                    f"trainer.devices, turn on model.gradient_checkpointing or planner.offload, lower the micro-batch, "
-                    f"or set planner.force=true to launch anyway.\n{text}")
-
-
 def _checkpointing(model: nn.Module) -> bool:
     base = _base(model)  # transformers 5 renamed is_gradient_checkpointing (now deprecated)
     if hasattr(base, "is_activation_checkpointing"):
@@ -236,8 +196,6 @@ def _checkpointing(model: nn.Module) -> bool:
 def _fill(model: nn.Module, device, seed: int | None) -> None:
     """Allocate a meta-device model on ``device`` and fill it: from its checkpoint folder when it has one
     (``checkpoint_source``, set by ``loading.finish_model``), else by the seeded init."""
-    from llama2_lit.models.init import materialize_
-
     source = getattr(_base(model), "checkpoint_source", None)
     materialize_(model, device, seed=None if source else (seed or 0))
     if source:
@@ -259,8 +217,6 @@ def configure_sharded(module, model: nn.Module, seed: int | None = None, called:
     ``seed``: ``model.init_seed``; ``called``: see :func:`shard_model`. Frozen models (PPO's reference and
     reward models) shard the same way.
     """
-    from llama2_lit.models.init import has_meta
-
     strategy = sharding_strategy(module)
     if strategy is None:
         if has_meta(model):
@@ -283,77 +239,6 @@ def configure_sharded(module, model: nn.Module, seed: int | None = None, called:
     log.info("rank %d of %d holds %d of %d parameters (%.1f%%)", mesh.get_local_rank(), mesh.size(),
              local_numel(model), total, 100 * local_numel(model) / max(1, total))
     return model
-
-
-# -- reading a checkpoint folder shard by shard ----------------------------------------------------------------
-def _rows_held(param: torch.Tensor) -> tuple[slice, ...]:
-    """The index of the global tensor this rank's shard of ``param`` holds (everything when not a DTensor)."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if not isinstance(param, DTensor):
-        return tuple(slice(0, n) for n in param.shape)
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
-
-
-def load_safetensors_(model: nn.Module, folder: str | Path, seed: int = 0) -> nn.Module:
-    """Fill ``model``'s (materialised, possibly sharded) parameters from the ``*.safetensors`` files of ``folder``.
-
-    Each rank reads, with ``safe_open(...).get_slice(name)[index]``, only the part of each tensor its shard
-    holds (FSDP2 shards dim 0: the rows ``_rows_held`` gives), so no rank reads or holds a whole model.
-    Parameters the checkpoint lacks: LoRA adapters and a new scalar head (``score``: a critic started from a
-    causal LM) take the seeded init (``llama2_lit.models.init``); any other missing name, or a shape that
-    differs from the checkpoint's, is an error. Tied parameters are read once.
-    """
-    from contextlib import ExitStack
-
-    from safetensors import safe_open
-
-    from llama2_lit.models.init import _std, seeded_value
-
-    index = safetensors_index(folder)
-    base = _base(model)
-    std = _std(base)
-    with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in set(index.values())}
-        where = {key: handles[f] for key, f in index.items()}
-        with torch.no_grad():
-            for name, param in base.named_parameters():  # remove_duplicate: a tied weight once
-                key = name.replace(".base_layer.", ".")  # peft keeps the wrapped Linear's weight under base_layer
-                local = param.to_local() if hasattr(param, "to_local") else param
-                if key not in where:
-                    if ".lora_" in name or name.split(".")[0] in ("score", "classifier"):
-                        owner = base.get_submodule(name.rsplit(".", 1)[0])
-                        full = seeded_value(name, owner, param.shape, std, seed)
-                        local.copy_(full[_rows_held(param)])
-                        continue
-                    raise UserError(f"{folder}: the checkpoint has no tensor '{key}' for parameter {name} of "
-                                    f"{type(base).__name__}")
-                piece = where[key].get_slice(key)
-                if list(piece.get_shape()) != list(param.shape):
-                    raise UserError(f"{folder}: tensor '{key}' has shape {piece.get_shape()}, the model's parameter "
-                                    f"{list(param.shape)}")
-                local.copy_(piece[_rows_held(param)])
-    return model
-
-
-def safetensors_index(folder: str | Path) -> dict[str, Path]:
-    """Tensor name -> the ``*.safetensors`` file of ``folder`` that holds it (headers only are read); a folder
-    without such files is an error (sharded runs read weights slice by slice, which only safetensors allows)."""
-    from safetensors import safe_open
-
-    from llama2_lit.models.loading import pickled_only
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder}: no *.safetensors files to read shard by shard (trainer=fsdp loads model "
-                        f"folders in safetensors format only){pickled_only(str(folder))}")
-    index: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            index.update(dict.fromkeys(handle.keys(), f))
-    return index
 
 
 # -- rollouts of a sharded policy ------------------------------------------------------------------------------
@@ -437,82 +322,11 @@ def gather_full_(model: nn.Module, keep: bool) -> nn.Module:
     return model
 
 
-# -- consolidation ---------------------------------------------------------------------------------------------
-def _run_config(ckpt: Path, overrides: list[str]):
-    from omegaconf import OmegaConf
+__all__: list[Any] = ["FSDP2Strategy", "configure_sharded", "decoder_layers", "gather_full_", "gathered",
+                      "load_safetensors_", "local_numel", "safetensors_index", "lockstep_forwards",
+                      "mixed_precision_policy", "shard_model", "sharding_strategy"]
 
-    from llama2_lit.config import compose  # also registers ${project_root:}, which saved configs use
+if __name__ == "__main__":  # the older command: python -m llama2_lit.models.sharding consolidate <ckpt> <out> [overrides]
+    import runpy
 
-    if overrides:
-        return compose(overrides)
-    for parent in ckpt.resolve().parents:
-        saved = parent / ".hydra" / "config.yaml"
-        if saved.exists():
-            log.info("run config: %s", saved)
-            return OmegaConf.load(saved)
-    raise UserError(f"{ckpt}: no .hydra/config.yaml above it; pass the run's overrides (e.g. stage=sft model=tiny)")
-
-
-def consolidate(ckpt: str | Path, out: str | Path, overrides: list[str] | None = None) -> Path:
-    """Write the model of a distributed checkpoint directory as a ``from_pretrained``-ready folder ``out``.
-
-    The stage module is rebuilt from the run's config on the meta device, allocated on CPU (one full copy:
-    this needs the model's size in host memory, on one machine), filled from the shards, and exported as a
-    run would (``module.export`` or ``save_pretrained``; LoRA adapters merged). Runs in one process.
-    """
-    import torch.distributed.checkpoint as dcp
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from llama2_lit.models.init import materialize_
-
-    ckpt, out = Path(ckpt), Path(out)
-    if not (ckpt.is_dir() and (ckpt / ".metadata").exists()):
-        raise UserError(f"{ckpt}: not a distributed checkpoint directory (no .metadata): a single-file checkpoint "
-                        "loads with torch.load")
-    cfg = _run_config(ckpt, list(overrides or []))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg["init_device"] = "meta"
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.stage.module, model_cfg=model_cfg, tokenizer=datamodule.tokenizer, _recursive_=False,
-                         _convert_="all")
-    materialize_(module.model, "cpu")
-    state = {"state_dict": module.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt))
-    module.load_state_dict(state["state_dict"])
-    module.eval()
-    if hasattr(module, "export"):
-        module.export(out)
-    else:
-        module.model.save_pretrained(out)
-        module.tokenizer.save_pretrained(out)
-    log.info("wrote %s from %s", out, ckpt)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m llama2_lit.models.sharding",
-                                 description="consolidate a distributed (sharded) checkpoint into an HF folder")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("consolidate", help="<ckpt dir> <out dir> [hydra overrides of the run]")
-    c.add_argument("ckpt")
-    c.add_argument("out")
-    c.add_argument("overrides", nargs="*", help="compose conf/ with these instead of the run's .hydra/config.yaml")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        consolidate(args.ckpt, args.out, args.overrides)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-__all__: list[Any] = ["FSDP2Strategy", "configure_sharded", "consolidate", "decoder_layers", "gather_full_", "gathered",
-                      "load_safetensors_", "local_numel", "safetensors_index", "lockstep_forwards", "mixed_precision_policy", "shard_model",
-                      "sharding_strategy"]
-
-if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("llama2_lit.tools.consolidate", run_name="__main__", alter_sys=True)
