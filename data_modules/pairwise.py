@@ -36,7 +36,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_modules.preferences import MARGIN_PRESETS, REWARDS, PreferencePair, mix_for_reward, read_pairs
+from data_modules.records import render
 from data_modules.resumable import ResumableDataLoader
+from data_modules.synthetic_pairs import build_synthetic_pairs
 from llama2_lit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,6 @@ OVERLONG = ("truncate", "drop", "error")
 
 
 # ------------------------------------------------------------------------------------------ encoding
-
-
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @dataclass(frozen=True)
@@ -72,8 +69,8 @@ def encode_response(tokenizer, prompt: str | list[dict], answer: str, max_length
     // 2)`` tokens, the answer is cut from the right instead so that the prompt keeps that many.
     """
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    prompt_ids = _render(tokenizer, msgs, add_generation_prompt=True)
-    full = _render(tokenizer, msgs + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+    prompt_ids = render(tokenizer, msgs, add_generation_prompt=True)
+    full = render(tokenizer, msgs + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
     if full[: len(prompt_ids)] != prompt_ids:
         raise UserError("chat template: the rendering with the answer does not extend the rendering of the prompt "
                         "with a generation prompt, so prompt and answer tokens cannot be separated")
@@ -366,8 +363,6 @@ class PairwiseDataModule(L.LightningDataModule):
             self.stats[key] = self.stats.get(key, 0) + n
 
     def _synthetic_files(self) -> tuple[list[str], list[str]]:
-        from data_modules.synthetic_pairs import build_synthetic_pairs
-
         files, stats = build_synthetic_pairs(self.tokenizer, seed=self.seed, run_dir=self.run_dir,
                                              **self.synthetic)
         self.stats.update(stats)
@@ -387,12 +382,15 @@ class PairwiseDataModule(L.LightningDataModule):
             train = train[: self.limit]
         if val_files:
             val = self._read(val_files, "val", self.default_is_safety)
+            val_source = f"{len(val)} pairs read from data.val_path"
         else:
             idx = list(range(len(train)))
             random.Random(f"{self.seed}:val").shuffle(idx)
             n_val = max(1, round(self.val_fraction * len(train))) if len(train) > 1 else 0
             held = set(idx[:n_val])
             val = [train[i] for i in sorted(held)]
+            val_source = (f"{len(train)} pairs read from data.path, {len(val)} of them held out for validation "
+                          f"(data.val_fraction={self.val_fraction})")
             train = [train[i] for i in range(len(train)) if i not in held]
         if self.val_limit is not None:
             val = val[: self.val_limit]
@@ -415,11 +413,13 @@ class PairwiseDataModule(L.LightningDataModule):
                 raise UserError(f"no validation pairs in pools {self.val_pools} (data.val_pools)")
 
         self.train_pairs = self._encode(train, "train")
-        self.val_pairs = self._encode(val, "val")
+        self.val_pairs = self._encode(val, "val", val_source, "; give validation pairs with data.val_path=<file>")
         log.info("pairs: %d train, %d val (max_length=%d, margin=%s)", len(self.train_pairs), len(self.val_pairs),
                  self.max_length, self.margin)
 
-    def _encode(self, pairs: list[PreferencePair], what: str) -> list[EncodedPair]:
+    def _encode(self, pairs: list[PreferencePair], what: str, source: str = "", hint: str = "") -> list[EncodedPair]:
+        """Tokenized ``pairs`` with their counts in ``stats``; none left is a UserError saying where the pairs came
+        from (``source``), followed by ``hint``."""
         enc, counts = encode_pairs(pairs, self.tokenizer, max_length=self.max_length, margin=self.margin,
                                    overlong=self.overlong)
         self.stats.update({f"data/{what}/{k}": v for k, v in counts.items()})
@@ -431,7 +431,8 @@ class PairwiseDataModule(L.LightningDataModule):
                         "tokens from the right)", what, counts["truncated_pairs"], len(pairs), self.max_length,
                         counts["truncated_prompt_tokens"], counts["truncated_answer_tokens"])
         if not enc:
-            raise UserError(f"no {what} pairs left after tokenization ({dict(counts)})")
+            tokenized = f"{len(pairs)} to tokenize, none left after tokenization ({dict(counts)})" if pairs else ""
+            raise UserError(f"no {what} pairs: {', '.join(x for x in (source, tokenized) if x)}{hint}")
         return enc
 
     # -- loaders --------------------------------------------------------------------------------

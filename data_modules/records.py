@@ -75,8 +75,8 @@ def tokenize_chat(messages: list[dict], tokenizer, where: str = "") -> tuple[lis
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt_ids = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        full_ids = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt_ids = render(tokenizer, messages[:i], add_generation_prompt=True) if i else []
+        full_ids = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if prompt_ids[: len(ids)] != ids or full_ids[: len(prompt_ids)] != prompt_ids:
             raise DataError(where or None, None, "chat_template",
                             "renderings are not prefix-stable, so prompt tokens cannot be masked")
@@ -87,9 +87,8 @@ def tokenize_chat(messages: list[dict], tokenizer, where: str = "") -> tuple[lis
     return ids, labels
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    if not messages:
-        return []
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` rendered with the tokenizer's chat template (the template writes BOS itself)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

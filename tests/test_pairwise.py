@@ -285,7 +285,6 @@ def test_build_synthetic_pairs_writes_jsonl_and_reuses_the_cache(tmp_path):
 
 def test_perturb_fraction_mixes_a_second_answer_source(tmp_path, tok, monkeypatch):
     """With a policy, perturb_fraction of the prompts get world.perturb answers and the rest the policy's."""
-    import data_modules.synthetic_pairs as sp
     from llama2_lit.models.loading import load_causal_lm
 
     torch.manual_seed(0)
@@ -294,13 +293,14 @@ def test_perturb_fraction_mixes_a_second_answer_source(tmp_path, tok, monkeypatc
     tok.save_pretrained(tmp_path / "p")
     asked = []
 
-    def fake_policy(model, tokenizer, prompts, rng, **kw):
-        asked.extend(prompts)
-        return [(f"policy a {i}", f"policy b {i}") for i in range(len(prompts))]
+    def fake_sampler(policy, tokenizer, **kw):  # injected like conf/data/synthetic_pairs.yaml's policy_sampler
+        def sample(prompts, rng):
+            asked.extend(prompts)
+            return [(f"policy a {i}", f"policy b {i}") for i in range(len(prompts))]
+        return sample
 
-    monkeypatch.setattr(sp, "sample_policy", fake_policy)
     common = dict(seed=3, cache_dir=str(tmp_path / "cache"), policy=str(tmp_path / "p"), num_train=200, num_val=10,
-                  max_tries=1, ties="keep")
+                  max_tries=1, ties="keep", policy_sampler=fake_sampler)
     files, _ = build_synthetic_pairs(**common)
     rows = [json.loads(x) for x in open(files["train"])]
     assert all(r["chosen"].startswith("policy") for r in rows) and len(asked) == 210
@@ -312,3 +312,11 @@ def test_perturb_fraction_mixes_a_second_answer_source(tmp_path, tok, monkeypatc
     assert len(list((tmp_path / "cache" / "synthetic_pairs").iterdir())) == 2
     with pytest.raises(UserError, match="perturb_fraction"):
         build_synthetic_pairs(**common, perturb_fraction=1.5)
+
+
+def test_too_few_pairs_to_hold_out_validation_says_how_many_and_names_val_path(tok, tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}])
+    with pytest.raises(UserError, match=r"^no val pairs: 1 pairs read from data.path, 0 of them held out for "
+                                        r"validation \(data.val_fraction=0.05\); give validation pairs with "
+                                        r"data.val_path="):
+        PairwiseDataModule(tok, path=path).setup("fit")

@@ -307,3 +307,59 @@ def test_same_seed_same_metrics_json(stage, make_cfg, tmp_path, parts):  # noqa:
     a, b = ((tmp_path / n / "metrics.json").read_text() for n in ("a", "b"))
     assert a == b and len(json.loads(a)) > 5
     assert (tmp_path / "a" / "steps.jsonl").read_text() == (tmp_path / "b" / "steps.jsonl").read_text()
+
+
+# ------------------------------------------------------------------------- RSDistillModule's old checkpoint layout
+class _Selection(L.LightningDataModule):
+    """What RSDistillModule.setup checks (the samples' tokenizer) and a few batches of labelled rows."""
+
+    def __init__(self, tok):
+        super().__init__()
+        from llama2_lit.models.tokenizers import tokenizer_fingerprint
+
+        self.source_tokenizers, self.source_policies, self.file = [tokenizer_fingerprint(tok)], ["p"], "sel.parquet"
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, len(tok), (8, 12), generator=g)
+        self.rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.clone()} for i in ids]
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.rows, batch_size=4)
+
+
+def _distill(tok):
+    from llama2_lit.modules.rs_distill import RSDistillModule  # the alias saved run configs name
+    from tests.test_ppo import DIMS
+
+    torch.manual_seed(0)
+    return RSDistillModule({"config": DIMS, "attn_implementation": "eager"}, tok, lr=1e-2)
+
+
+def _trainer(tmp_path, steps: int) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+
+
+def test_rs_distill_checkpoints_of_the_wrapped_layout_still_load(tok, tmp_path):
+    """Before issue 15 RSDistillModule wrapped an SFTModule (``self.sft``): its weights were ``sft.model.*``. Such a
+    checkpoint resumes (``ckpt_path=``, optimizer state included) and loads with ``load_state_dict`` (consolidation)."""
+    trained = _distill(tok)
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(trained, datamodule=_Selection(tok))
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])
+    ckpt["state_dict"] = {f"sft.{k}": v for k, v in ckpt["state_dict"].items()}  # the old layout
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    want = {k: v.clone() for k, v in trained.state_dict().items()}
+
+    resumed = _distill(tok)
+    again = _trainer(tmp_path, 2)
+    again.fit(resumed, datamodule=_Selection(tok), ckpt_path=str(tmp_path / "old.ckpt"))
+    assert again.global_step == 2
+    assert all(torch.equal(v, want[k]) for k, v in resumed.state_dict().items())
+    a, b = (t.optimizers[0].state_dict()["state"] for t in (trainer, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
+
+    fresh = _distill(tok)
+    fresh.load_state_dict(ckpt["state_dict"])  # strict: every old key found its parameter
+    assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items())

@@ -149,7 +149,7 @@ def test_pairs_per_step_sets_gradient_accumulation(make_cfg):
 
 def test_stage_rm_without_pair_data_is_a_clear_error(make_cfg):
     with pytest.raises(UserError, match="stage=rm needs preference pairs.*data=synthetic_pairs"):
-        run(make_cfg("stage=rm", "data.synthetic.num_train=8", "data.synthetic.num_val=4"))
+        run(make_cfg("stage=rm", "data=synthetic", "data.synthetic.num_train=8", "data.synthetic.num_val=4"))
 
 
 @pytest.mark.parametrize("overrides", [

@@ -16,6 +16,11 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Llama
                           PreTrainedTokenizerBase)
 
 from llama2_lit.errors import UserError
+from llama2_lit.models.chat_templates import ensure_chat_template, load_llama2_tokenizer
+from llama2_lit.models.init import seeded_init_
+from llama2_lit.models.lora import apply_lora
+from llama2_lit.models.packed_attention import NAME as PACKED_SDPA
+from llama2_lit.world.tokenizer import build_world_tokenizer
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -40,6 +45,32 @@ def resolve_path(path: str, what: str = "model.path") -> str:
     raise UserError(f"{what}: '{path}' does not exist")
 
 
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def model_folder(path: str, what: str = "model.path") -> str:
+    """:func:`resolve_path` for a model: a local folder must hold a ``config.json`` (a ``save_pretrained`` folder)."""
+    src = resolve_path(path, what)
+    if Path(src).is_dir() and not (Path(src) / "config.json").is_file():
+        raise UserError(f"{what}: '{path}' holds no config.json, so it is not a saved model (give a "
+                        "save_pretrained folder, such as a run's hf/, or a hub id)")
+    return src
+
+
+def load_pretrained(auto_cls, path: str, kind: str, what: str = "model.path", **kwargs) -> torch.nn.Module:
+    """``auto_cls.from_pretrained`` of the folder or hub id ``path``: safetensors only, no remote code.
+
+    Whatever stops it (a missing path or config, missing or pickled weights, a config transformers cannot
+    read) is a one-line :class:`UserError` naming ``what``; ``kind`` names the model in it ("a causal LM").
+    """
+    src = model_folder(path, what)
+    try:
+        return auto_cls.from_pretrained(src, use_safetensors=True, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as e:  # transformers: OSError for missing files, ValueError for unknown configs
+        raise UserError(f"{what}: could not load {kind} from '{path}': {one_line(e)}{pickled_only(src)}") from None
+
+
 def load_tokenizer(kind: str = "pretrained", path: str | None = None, chat_template: str | None = None,
                    vocab_size: int = 512, cache_dir: str | None = None, padding_side: str = "right",
                    add_pad_token: bool = True) -> PreTrainedTokenizerBase:
@@ -59,17 +90,13 @@ def load_tokenizer(kind: str = "pretrained", path: str | None = None, chat_templ
         src = resolve_path(path, "model.tokenizer.path")
         try:
             tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
-        except OSError as e:
-            raise UserError(f"model.tokenizer.path: could not load a tokenizer from '{path}': {e}") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.tokenizer.path: could not load a tokenizer from '{path}': {one_line(e)}") from None
     elif kind == "llama2_sp":
-        from llama2_lit.models.chat_templates import load_llama2_tokenizer
-
         tok = load_llama2_tokenizer(resolve_path(path or "", "model.tokenizer.path"))
     else:
         raise UserError(f"model.tokenizer.kind: unknown '{kind}' (choose world_bpe, pretrained, llama2_sp)")
     if chat_template is not None or tok.chat_template is None:
-        from llama2_lit.models.chat_templates import ensure_chat_template
-
         ensure_chat_template(tok, chat_template)
     if add_pad_token and (tok.pad_token is None or tok.pad_token_id == tok.eos_token_id):
         tok.add_special_tokens({"pad_token": "<pad>"})
@@ -78,8 +105,6 @@ def load_tokenizer(kind: str = "pretrained", path: str | None = None, chat_templ
 
 
 def _world(vocab_size: int, cache_dir: str | None):
-    from llama2_lit.world.tokenizer import build_world_tokenizer
-
     return build_world_tokenizer(vocab_size=vocab_size, cache_dir=cache_dir)
 
 
@@ -159,8 +184,8 @@ def pretrained_config(src: str, path: str, **overrides):
     """The config of a checkpoint folder (no weights read)."""
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=False)
-    except OSError as e:
-        raise UserError(f"model.path: could not load a config from '{path}': {e}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: could not load a config from '{path}': {one_line(e)}") from None
     for k, v in overrides.items():
         setattr(config, k, v)
     return config
@@ -170,15 +195,46 @@ def finish_model(model: torch.nn.Module, model_cfg: Mapping[str, Any], trainable
     """The steps after building the architecture that every loader shares: LoRA (``model.lora``), then the
     seeded init of a random-init model that was not built on the meta device. A checkpoint's model built on the
     meta device records its folder (``checkpoint_source``): ``models.sharding`` reads it there, shard by shard."""
-    from llama2_lit.models.init import seeded_init_
-    from llama2_lit.models.lora import apply_lora
-
     on_meta, init, seed = init_options(model_cfg)
     if on_meta and model_cfg.get("path"):  # filled later from this folder, shard by shard (models.sharding)
         model.checkpoint_source = resolve_path(str(model_cfg["path"]))
     model = apply_lora(model, model_cfg.get("lora"), trainable)
     if init == "seeded" and not model_cfg.get("path") and not on_meta:
         seeded_init_(model, seed)
+    return model
+
+
+def build_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, auto_cls, llama_cls,
+                dtype: torch.dtype, attn: str, kind: str, **config) -> torch.nn.Module:
+    """The architecture of a causal LM or a reward model, the one path both loaders share.
+
+    ``model_cfg.path`` set: that checkpoint (``auto_cls.from_pretrained``; with ``model.init_device: meta`` its
+    config only, built on the meta device). Null: ``llama_cls`` from ``model_cfg.config`` sized to ``tokenizer``.
+    ``config`` (e.g. ``num_labels=1``) and ``attn`` (the attention implementation) go into the model's config;
+    ``kind`` names the model in errors. The input embeddings grow to the tokenizer; the pad id is the tokenizer's.
+    """
+    on_meta, _, _ = init_options(model_cfg)
+    path = model_cfg.get("path")
+    if path and on_meta:
+        cfg = pretrained_config(model_folder(path), path, **config, _attn_implementation=attn)
+        with torch.device("meta"):
+            model = auto_cls.from_config(cfg, trust_remote_code=False).to(dtype)
+    elif path:
+        model = load_pretrained(auto_cls, path, kind, dtype=dtype, attn_implementation=attn, **config)
+    else:
+        if not model_cfg.get("config"):
+            raise UserError("model: set either model.path (a checkpoint) or model.config (dimensions for random init)")
+        cfg = llama_config(tokenizer, model_cfg["config"])
+        for k, v in {**config, "_attn_implementation": attn}.items():
+            setattr(cfg, k, v)
+        with torch.device("meta") if on_meta else nullcontext():
+            model = llama_cls(cfg).to(dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # training: packed rows stay isolated only without a cache
+    if model_cfg.get("gradient_checkpointing"):  # transformers 5 renamed it; 4.x only has the old name
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model
 
 
@@ -194,36 +250,10 @@ def load_causal_lm(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerB
     ``trainable``: parameters in float32 (master weights, whatever ``model.dtype``); False (inference, frozen
     copies): in ``model.dtype`` (see :data:`MASTER_DTYPE`).
     """
-    dtype = model_dtype(model_cfg, trainable)
-    on_meta, _, _ = init_options(model_cfg)
     attn = model_cfg.get("attn_implementation", "sdpa")
     if attn == "sdpa":  # the same sdpa, but packed rows attend one document at a time (no dense block mask)
-        from llama2_lit.models.packed_attention import NAME as attn
-    path = model_cfg.get("path")
-    if path and on_meta:
-        cfg = pretrained_config(resolve_path(path), path, _attn_implementation=attn)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False).to(dtype)
-    elif path:
-        src = resolve_path(path)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                src, dtype=dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=False
-            )
-        except OSError as e:
-            raise UserError(f"model.path: could not load a causal LM from '{path}': {e}{pickled_only(src)}") from None
-    else:
-        if not model_cfg.get("config"):
-            raise UserError("model: set either model.path (a checkpoint) or model.config (dimensions for random init)")
-        cfg = llama_config(tokenizer, model_cfg["config"])
-        cfg._attn_implementation = attn
-        with torch.device("meta") if on_meta else nullcontext():
-            model = LlamaForCausalLM(cfg).to(dtype)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False  # training: packed rows stay isolated only without a cache
+        attn = PACKED_SDPA
+    model = build_model(model_cfg, tokenizer, AutoModelForCausalLM, LlamaForCausalLM, model_dtype(model_cfg, trainable),
+                        attn, "a causal LM")
     model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
-    if model_cfg.get("gradient_checkpointing"):  # transformers 5 renamed it; 4.x only has the old name
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return finish_model(model, model_cfg)

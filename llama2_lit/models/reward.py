@@ -12,7 +12,6 @@ folder loads back with ``AutoModelForSequenceClassification.from_pretrained`` an
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,8 +21,9 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 
 from data_modules.pairwise import encode_response, pad_right
 from llama2_lit.errors import UserError
-from llama2_lit.models.loading import (finish_model, init_options, llama_config, model_dtype, pickled_only,
-                                       pretrained_config, resolve_path, save_pretrained_as, torch_dtype)
+from llama2_lit.models.loading import (build_model, finish_model, load_pretrained, model_dtype, model_folder,
+                                       one_line, pickled_only, save_pretrained_as, torch_dtype)
+from llama2_lit.models.shard_loading import safetensors_index
 
 log = logging.getLogger(__name__)
 
@@ -42,38 +42,11 @@ def load_reward_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokeniz
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError("reward model: the tokenizer needs a pad token distinct from EOS "
                         "(the score is read at the last non-pad token)")
-    dtype = model_dtype(model_cfg, trainable)
-    attn = model_cfg.get("attn_implementation", "sdpa")
-    on_meta, _, _ = init_options(model_cfg)
-    path = model_cfg.get("path")
-    if path and on_meta:
-        cfg = pretrained_config(resolve_path(path), path, num_labels=1, _attn_implementation=attn)
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(cfg, trust_remote_code=False).to(dtype)
-    elif path:
-        src = resolve_path(path)
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                src, num_labels=1, dtype=dtype, attn_implementation=attn, use_safetensors=True,
-                trust_remote_code=False)
-        except OSError as e:
-            raise UserError(f"model.path: could not load a model from '{path}': {e}{pickled_only(src)}") from None
-    else:
-        if not model_cfg.get("config"):
-            raise UserError("model: set either model.path (a checkpoint) or model.config (dimensions for random init)")
-        cfg = llama_config(tokenizer, model_cfg["config"])
-        cfg.num_labels = 1
-        cfg._attn_implementation = attn
-        with torch.device("meta") if on_meta else nullcontext():
-            model = LlamaForSequenceClassification(cfg).to(dtype)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model = build_model(model_cfg, tokenizer, AutoModelForSequenceClassification, LlamaForSequenceClassification,
+                        model_dtype(model_cfg, trainable), model_cfg.get("attn_implementation", "sdpa"),
+                        "a reward model", num_labels=1)
     model.config.problem_type = "regression"
     model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
-    model.config.use_cache = False
-    if model_cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable()
     n = model_cfg.get("freeze_layers", 0) if freeze_layers is None else freeze_layers
     freeze_lower_layers(model, int(n or 0))
     return finish_model(model, model_cfg, trainable=tuple(h for h in ("score", "classifier") if hasattr(model, h)))
@@ -164,19 +137,21 @@ def load_exported(path: str | Path, dtype: str = "float32", device: str | torch.
     rank's shard from its rows of the ``*.safetensors`` files (``models.sharding.load_safetensors_``). Only the
     files' headers are read here, to check that they hold every parameter (the scalar head above all).
     """
-    src = resolve_path(str(path), "reward model path")
+    what = "reward model path"
+    src = model_folder(str(path), what)
     try:
         tok = AutoTokenizer.from_pretrained(src)
-        if on_meta:
-            config = AutoConfig.from_pretrained(src, trust_remote_code=False)
-            with torch.device("meta"):
-                model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False)
-            model = model.to(torch_dtype(dtype))
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(src, dtype=torch_dtype(dtype),
-                                                                       use_safetensors=True, trust_remote_code=False)
-    except OSError as e:
-        raise UserError(f"could not load a reward model from '{path}': {e}{pickled_only(src)}") from None
+        config = AutoConfig.from_pretrained(src, trust_remote_code=False) if on_meta else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: could not load a reward model from '{path}': {one_line(e)}"
+                        f"{pickled_only(src)}") from None
+    if on_meta:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False)
+        model = model.to(torch_dtype(dtype))
+    else:
+        model = load_pretrained(AutoModelForSequenceClassification, str(path), "a reward model", what,
+                                dtype=torch_dtype(dtype))
     if model.config.num_labels != 1:
         raise UserError(f"{path}: not a scalar reward model (num_labels={model.config.num_labels})")
     if model.config.pad_token_id is None or model.config.pad_token_id != tok.pad_token_id:
@@ -191,8 +166,6 @@ def load_exported(path: str | Path, dtype: str = "float32", device: str | torch.
 def _check_tensors(model: torch.nn.Module, src: str, path) -> None:
     """Every parameter of ``model`` is a tensor of the folder's ``*.safetensors`` files (headers only are read):
     the shard-by-shard reader would otherwise give a missing scalar head a fresh init."""
-    from llama2_lit.models.sharding import safetensors_index
-
     keys = safetensors_index(src)
     missing = [n for n, _ in model.named_parameters() if n not in keys]
     if missing:

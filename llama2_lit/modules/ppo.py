@@ -36,26 +36,23 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 
-from llama2_lit.world import oracle as world
-from llama2_lit.generation.engine import Engine, Sampling
-from llama2_lit.errors import UserError
 from llama2_lit.core.losses import explained_variance, masked_entropy, ppo_policy_loss, token_logprobs, value_loss
-from llama2_lit.models.loading import load_causal_lm
+from llama2_lit.core.rl import RunningMoments, gae, kl_penalty, logit, token_rewards, whiten
+from llama2_lit.errors import UserError
+from llama2_lit.generation.engine import Engine
+from llama2_lit.generation.sampling import Rollout, Sampling
+from llama2_lit.models.loading import load_causal_lm, model_dtype, save_pretrained_as, torch_dtype
 from llama2_lit.models.sharding import configure_sharded, gathered, is_sharded, local_numel, lockstep_forwards
 from llama2_lit.models.value import load_value_model, token_values
-from llama2_lit.core.rl import RunningMoments, gae, kl_penalty, logit, token_rewards, whiten
+from llama2_lit.modules.optim import adamw_per_model
+from llama2_lit.scoring import GoldScorer, build_scorer, gated
+from llama2_lit.world import oracle as world
 
 log = logging.getLogger(__name__)
 WHITEN = ("batch", "running", "none")
 VALUE_CALLS = ("model", "score")  # token_values calls the critic's backbone and head directly: FSDP groups of their own
-
-
-def _decay_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "lr": lr, "weight_decay": weight_decay},
-            {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
 
 
 class PPOModule(L.LightningModule):
@@ -116,8 +113,6 @@ class PPOModule(L.LightningModule):
 
     def _frozen_dtype(self) -> torch.dtype:
         """The dtype π₀ and the reward models are held in: ``ppo.frozen_dtype``, ``auto`` = ``model.dtype``."""
-        from llama2_lit.models.loading import model_dtype, torch_dtype
-
         name = self.opts.get("frozen_dtype", "auto")
         if name == "auto":
             return model_dtype(self.hparams.model_cfg, trainable=False)
@@ -132,8 +127,6 @@ class PPOModule(L.LightningModule):
     def _prepare_frozen(self) -> None:
         if self.scorer is not None:
             return
-        from llama2_lit.scoring import GoldScorer, build_scorer
-
         sharded = is_sharded(self.model)
         # π₀ and the RMs in ppo.frozen_dtype (sharded too: their shards; the strategy's mixed precision sets the
         # compute dtype); the policy and the critic keep float32 master weights
@@ -218,17 +211,15 @@ class PPOModule(L.LightningModule):
         return bool(trainer.strategy.reduce_boolean_decision(ok, all=True)) if trainer is not None else ok
 
     def configure_optimizers(self):
+        """AdamW over the policy (``ppo.lr``) and the critic (``ppo.value_lr``, default ``ppo.lr``); no schedule."""
         o = self.opts
-        groups = _decay_groups(self.model, float(o["lr"]), float(o["weight_decay"]))
-        groups += _decay_groups(self.value_model, float(o.get("value_lr") or o["lr"]), float(o["weight_decay"]))
-        return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(o["betas"]), eps=float(o["eps"]))
+        return adamw_per_model([(self.model, float(o["lr"])), (self.value_model, float(o.get("value_lr") or o["lr"]))],
+                               float(o["weight_decay"]), betas=o["betas"], eps=float(o["eps"]))
 
     def configure_callbacks(self):
         es = self.opts.get("early_stopping") or {}
         if not es.get("enabled", False):
             return []
-        from lightning.pytorch.callbacks import EarlyStopping
-
         return [EarlyStopping(monitor="val/reward", mode="max", patience=int(es.get("patience", 3)),
                               min_delta=float(es.get("min_delta", 0.0)), check_on_train_epoch_end=False)]
 
@@ -251,21 +242,44 @@ class PPOModule(L.LightningModule):
 
     # -- one PPO iteration ------------------------------------------------------------------------------
     def training_step(self, batch: Sequence[Any], batch_idx: int) -> None:
-        o = self.opts
+        """One PPO iteration: rollout, reward, reference log-probs / values / advantages, PPO epochs, logging."""
         self.iteration += 1
         prompts = [p.text for p in batch]
         is_safety = torch.tensor([bool(p.is_safety) for p in batch])
-        temp = float(o["temperature"])
         t0 = time.perf_counter()
-        with self._rollout_engine() as engine:
-            roll = engine.generate(prompts, Sampling(max_new_tokens=int(o["max_new_tokens"]), temperature=temp,
-                                                     top_p=float(o["top_p"]), num_samples=1))
-            texts = engine.decode(roll)
+        roll, texts = self._rollout(prompts)
         t_gen = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        from llama2_lit.scoring import gated
+        reward = self._reward(prompts, texts, is_safety)
+        if reward is None:  # skipped
+            return
+        t_score = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
+        exp = self._experience(roll, reward["score_w"])
+        stats = self._ppo_epochs(*(exp[k] for k in ("ids", "mask", "pos", "resp", "rmask", "old_lp", "old_v", "adv",
+                                                   "ret")), float(self.opts["temperature"]))
+        if stats is None:
+            return self._skip("non-finite loss")
+        t_train = time.perf_counter() - t0
+        self.bad_in_row = 0
+        self._log_ppo_iteration(roll, reward, exp, stats, {"time/generation_s": t_gen, "time/scoring_s": t_score,
+                                                           "time/training_s": t_train})
+
+    def _rollout(self, prompts: list[str]) -> tuple[Rollout, list[str]]:
+        """1. One response per prompt from the policy at ``ppo.temperature`` / ``ppo.top_p`` (log-probs: π_old's)."""
+        o = self.opts
+        with self._rollout_engine() as engine:
+            roll = engine.generate(prompts, Sampling(max_new_tokens=int(o["max_new_tokens"]),
+                                                     temperature=float(o["temperature"]), top_p=float(o["top_p"]),
+                                                     num_samples=1))
+            return roll, engine.decode(roll)
+
+    def _reward(self, prompts: list[str], texts: list[str], is_safety: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """2. The gated reward ``R_c`` (B,) of both reward models (sigmoid scale), its logit and the whitened score
+        ``R̃_c``; None when some reward is not finite (the iteration is skipped on every rank)."""
+        o = self.opts
         helpful, safety = self.scorer(prompts, texts)
         thr = float(o["safety_threshold"])
         r_c = gated(helpful, safety, is_safety, thr)  # (B,) float64, sigmoid scale
@@ -280,9 +294,14 @@ class PPOModule(L.LightningModule):
             score_w = whiten(score, moments=self.reward_moments, all_reduce=self._sum_ranks)
         else:
             score_w = score
-        t_score = time.perf_counter() - t0
+        return {"r_c": r_c, "helpful": helpful, "safety": safety, "by_safety": by_safety, "score": score,
+                "score_w": score_w}
 
-        t0 = time.perf_counter()
+    def _experience(self, roll: Rollout, score_w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """3-4. π₀'s log-probs and the critic's values (no-grad forwards), the per-token rewards (KL penalty plus
+        ``R̃_c`` at the end), GAE advantages (whitened) and returns, with the rollout's tensors on this device."""
+        o = self.opts
+        temp = float(o["temperature"])
         dev = self.device
         # the engine's tensors are inference tensors: clone them into ordinary ones for autograd
         ids, mask = (x.clone().to(dev) for x in roll.sequences())
@@ -304,33 +323,38 @@ class PPOModule(L.LightningModule):
         adv, ret = gae(rewards, old_v, rmask, float(o["gamma"]), float(o["lam"]))
         if o.get("whiten_advantages", True) and rmask.sum() > 1:
             adv = whiten(adv, mask=rmask, all_reduce=self._sum_ranks)
+        return {"ids": ids, "mask": mask, "pos": pos, "resp": resp, "rmask": rmask, "old_lp": old_lp, "old_v": old_v,
+                "kl": kl, "rewards": rewards, "adv": adv, "ret": ret}
 
-        stats = self._ppo_epochs(ids, mask, pos, resp, rmask, old_lp, old_v, adv, ret, temp)
-        if stats is None:
-            return self._skip("non-finite loss")
-        t_train = time.perf_counter() - t0
-        self.bad_in_row = 0
+    def _log_ppo_iteration(self, roll: Rollout, reward: Mapping[str, torch.Tensor], exp: Mapping[str, torch.Tensor],
+                           stats: Mapping[str, float], times: Mapping[str, float]) -> None:
+        """6. The iteration's scalars (``ppo/*``, ``time/*``, ``perf/*``) to the history and the loggers."""
+        kl, rmask, n = exp["kl"], exp["rmask"], exp["resp"].shape[0]
         seq_kl = (kl.sum(1)).mean()
         m = {
-            "ppo/reward_raw": float(r_c.mean()), "ppo/score_logit": float(score.mean()),
-            "ppo/reward_whitened": float(score_w.mean()), "ppo/helpfulness_score": float(helpful.mean()),
+            "ppo/reward_raw": float(reward["r_c"].mean()), "ppo/score_logit": float(reward["score"].mean()),
+            "ppo/reward_whitened": float(reward["score_w"].mean()),
+            "ppo/helpfulness_score": float(reward["helpful"].mean()),
             "ppo/kl": float(seq_kl), "ppo/kl_per_token": float((kl.sum() / rmask.sum())),
-            "ppo/non_score_reward": float((rewards.sum() - score_w.sum()) / n),
-            "ppo/response_length": float(rmask.sum(1).mean()), "ppo/safety_scored_frac": float(by_safety.float().mean()),
-            "ppo/explained_variance": float(explained_variance(old_v, ret, rmask)),
+            "ppo/non_score_reward": float((exp["rewards"].sum() - reward["score_w"].sum()) / n),
+            "ppo/response_length": float(rmask.sum(1).mean()),
+            "ppo/safety_scored_frac": float(reward["by_safety"].float().mean()),
+            "ppo/explained_variance": float(explained_variance(exp["old_v"], exp["ret"], rmask)),
             "ppo/skipped_batches": float(self.skipped), "ppo/iteration": float(self.iteration),
-            "time/generation_s": t_gen, "time/scoring_s": t_score, "time/training_s": t_train,
+            **times,
             "ppo/prompts": float(self._sum_ranks(torch.tensor([float(n)]))[0]),  # every rank's: the global batch
             "perf/gen_tokens": float(roll.num_tokens), "perf/samples": float(n),
-            "perf/samples_per_s": n / (t_gen + t_score + t_train),
+            "perf/samples_per_s": n / sum(times.values()),
         }
-        if not torch.isnan(safety).all():
-            m["ppo/safety_score"] = float(safety.mean())
+        if not torch.isnan(reward["safety"]).all():
+            m["ppo/safety_score"] = float(reward["safety"].mean())
         m.update(stats)
         self.history.append(m)
         self._log_iteration(m, prog=("ppo/reward_raw", "ppo/kl", "ppo/clip_frac"))
 
     def _ppo_epochs(self, ids, mask, pos, resp, rmask, old_lp, old_v, adv, ret, temp) -> dict[str, float] | None:
+        """5. ``ppo.ppo_epochs`` passes over shuffled mini-batches, one AdamW step each (clipped surrogate + clipped
+        value loss); the mean of the logged losses, or None on a non-finite loss."""
         o = self.opts
         opt = self.optimizers()
         n, t = resp.shape
@@ -416,8 +440,6 @@ class PPOModule(L.LightningModule):
                                                                                     o["max_new_tokens"])))
 
     def _evaluate_batch(self, batch, batch_idx: int, suffix: str, temperature: float, max_new_tokens: int) -> None:
-        from llama2_lit.scoring import gated
-
         prompts = [p.text for p in batch]
         with self._rollout_engine() as engine:
             roll = engine.generate(prompts, Sampling(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -478,8 +500,6 @@ class PPOModule(L.LightningModule):
     def export(self, path: str | Path) -> Path:
         """The policy and tokenizer to ``path`` (``from_pretrained``-ready, the next stage's ``model.path``); the
         value model to ``<path>/../value``; weights stored in ``model.dtype``."""
-        from llama2_lit.models.loading import model_dtype, save_pretrained_as
-
         path = Path(path)
         dtype = model_dtype(self.hparams.model_cfg, trainable=False)  # exports in model.dtype
         save_pretrained_as(self.model, path, dtype)

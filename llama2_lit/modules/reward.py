@@ -8,7 +8,6 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from callbacks.rating_buckets import RatingBucketAccuracy, RatingBucketCallback
 from data_modules.pairwise import concat_pairs
@@ -18,6 +17,7 @@ from llama2_lit.models.loading import model_dtype
 from llama2_lit.models.lora import merge_lora
 from llama2_lit.models.reward import export_reward_model, load_reward_model, rewards, score
 from llama2_lit.models.sharding import configure_sharded
+from llama2_lit.modules.optim import adamw_cosine
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +114,9 @@ class RewardModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for _, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)  # no decay on norms and biases
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(total, max(int(hp.warmup_steps), math.ceil(hp.warmup_ratio * total)))
-        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total,
-                                                            min_lr_rate=hp.min_lr_ratio)
-        log.info("optimizer: %d steps, %d warm-up, lr %.3g -> %.3g", total, warmup, hp.lr, hp.lr * hp.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self.model, self.trainer.estimated_stepping_batches, lr=hp.lr,
+                            weight_decay=hp.weight_decay, betas=hp.betas, eps=hp.eps, warmup_steps=hp.warmup_steps,
+                            warmup_ratio=hp.warmup_ratio, min_lr_ratio=hp.min_lr_ratio, warmup_round=math.ceil)
 
     def export(self, path: str | Path) -> Path:
         """Save ``hf/``: a ``LlamaForSequenceClassification`` (num_labels 1, pad token id set) + tokenizer.

@@ -1,16 +1,19 @@
-"""SFTModule: masked next-token training of a causal LM (SFT, and pretraining with every token labelled)."""
+"""SFTModule: masked next-token training of a causal LM (SFT, and pretraining with every token labelled), and
+RSDistillModule: the same training on the samples rejection sampling selected."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
 
 from llama2_lit.core.losses import IGNORE_INDEX, masked_lm_loss
+from llama2_lit.errors import UserError
 from llama2_lit.models.loading import load_causal_lm, model_dtype, save_pretrained_as
 from llama2_lit.models.lora import merge_lora
 from llama2_lit.models.sharding import configure_sharded
+from llama2_lit.models.tokenizers import tokenizer_fingerprint
 from llama2_lit.modules.optim import adamw_cosine
 
 
@@ -51,7 +54,7 @@ class SFTModule(L.LightningModule):
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], tokenizer=None, lr: float = 2e-5, weight_decay: float = 0.1,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, warmup_steps: int = 0,
+                 betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-8, warmup_steps: int = 0,
                  warmup_ratio: float = 0.0, min_lr_ratio: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -82,9 +85,67 @@ class SFTModule(L.LightningModule):
 
     def export(self, path: str | Path) -> Path:
         """``hf/``: the causal LM (LoRA adapters merged into its weights, stored in ``model.dtype``) and the
-        tokenizer."""
+        tokenizer; :meth:`export_metadata` (if any) is recorded in its ``config.json`` under ``llama2_lit``."""
         path = Path(path)
         self.model = merge_lora(self.model)
+        meta = self.export_metadata()
+        if meta is not None:
+            self.model.config.llama2_lit = meta
         save_pretrained_as(self.model, path, model_dtype(self.hparams.model_cfg, trainable=False))
         self.tokenizer.save_pretrained(path)
         return path
+
+    def export_metadata(self) -> dict | None:
+        return None
+
+
+class RSDistillModule(SFTModule):
+    """Llama 2 §3.2.3 RS fine-tuning: the SFT objective (loss on response tokens) on the best-of-K samples.
+
+    The student is the ``model`` config: the sampling policy itself (``model.path`` = the checkpoint RS sampled
+    from) or a smaller model ("all smaller models are fine-tuned on rejection sampled data from the larger
+    model"). It must use the tokenizer the samples were generated with: ``setup`` refuses otherwise.
+
+    An :class:`SFTModule` (model loading, the packed-row forward, the steps, the AdamW + cosine schedule) that adds
+    the data check and records the selection it learnt from in the exported ``config.json``. Logs ``train/loss`` and
+    ``val/loss`` (per response token). Args: as :class:`SFTModule`.
+
+    Checkpoints written before this class was an :class:`SFTModule` (it wrapped one as ``self.sft``) name the
+    weights ``sft.model.*``: :meth:`load_state_dict` reads them as ``model.*``.
+    """
+
+    def __init__(self, model_cfg: Mapping[str, Any], tokenizer=None, lr: float = 2e-5, weight_decay: float = 0.1,
+                 betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-8, warmup_steps: int = 0,
+                 warmup_ratio: float = 0.0, min_lr_ratio: float = 0.0):
+        super().__init__(model_cfg, tokenizer, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
+                         warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+        self.selection: str | None = None
+        self.register_load_state_dict_pre_hook(_from_wrapped_layout)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        sources = getattr(dm, "source_tokenizers", None)
+        if sources is None:
+            raise UserError(f"stage=rs_distill needs the samples an RS run selected, but data is "
+                            f"{type(dm).__name__}: add data=rs_bag data.path=<the stage=rs run directory>")
+        mine = tokenizer_fingerprint(self.tokenizer)
+        if any(s != mine for s in sources):
+            raise UserError(
+                f"stage=rs_distill: the student's tokenizer (model={self.hparams.model_cfg.get('name')}, "
+                f"{len(self.tokenizer)} tokens, fingerprint {mine}) differs from the tokenizer the samples were "
+                f"generated with (fingerprint {', '.join(sources)}, policy {', '.join(dm.source_policies)}): "
+                f"distil into a student that shares the sampling model's tokenizer")
+        self.selection = str(dm.file)
+
+    def export_metadata(self) -> dict:
+        return {"stage": "rs_distill", "selection": self.selection}
+
+
+WRAPPED_PREFIX = "sft."  # RSDistillModule's checkpoints before it subclassed SFTModule: ``sft.model.*``
+
+
+def _from_wrapped_layout(module, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook: ``sft.model.*`` keys (the old RSDistillModule layout) renamed ``model.*``."""
+    old = prefix + WRAPPED_PREFIX + "model."
+    for k in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + k[len(prefix) + len(WRAPPED_PREFIX):]] = state_dict.pop(k)
