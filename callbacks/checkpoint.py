@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +215,6 @@ class SafeCheckpoint(ModelCheckpoint):
             try:
                 os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
                 if link.is_dir() and not link.is_symlink():  # a sharded last.ckpt/ directory from an older run
-                    import shutil
-
                     shutil.rmtree(link)
                 os.replace(tmp, link)
             except OSError as e:

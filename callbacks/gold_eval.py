@@ -5,18 +5,11 @@ import logging
 
 import lightning as L
 
+from llama2_lit.core.stats import mean_and_se
+from llama2_lit.generation.engine import Engine, Sampling
+from llama2_lit.world import oracle as world
+
 log = logging.getLogger(__name__)
-
-
-def mean_and_se(xs: list[float]) -> tuple[float, float]:
-    """The mean and its standard error (sample standard deviation / sqrt(n); 0 for one value).
-
-    Two runs' gold scores differ meaningfully only by a few standard errors: on 128 held-out prompts it was about
-    0.02, as large as the RLHF gains being measured, hence the 1,000-prompt default of ``data.synthetic.num_eval``.
-    """
-    n = len(xs)
-    mean = sum(xs) / n
-    return mean, (sum((x - mean) ** 2 for x in xs) / max(n - 1, 1) / n) ** 0.5
 
 
 class GoldEvalCallback(L.Callback):
@@ -41,9 +34,6 @@ class GoldEvalCallback(L.Callback):
         self.samples: list[tuple[str, str]] = []
 
     def _evaluate(self, trainer, pl_module, suffix: str) -> None:
-        from llama2_lit.world import oracle as world
-        from llama2_lit.generation.engine import generate
-
         dm = trainer.datamodule
         if not getattr(dm, "oracle", False):
             return
@@ -55,9 +45,9 @@ class GoldEvalCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         prompts = dm.eval_prompts()
-        outs = generate(pl_module.model, pl_module.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
-                        batch_size=self.batch_size)
-        answers = [o[0] for o in outs]
+        engine = Engine(pl_module.model, pl_module.tokenizer)
+        greedy = Sampling(max_new_tokens=self.max_new_tokens, temperature=0.0)  # seeds drawn from the global RNG
+        answers = [o[0] for o in engine.generate_text(prompts, greedy, self.batch_size)]
         helpful = [world.gold_helpfulness(p, a) for p, a in zip(prompts, answers)]
         safe = [world.gold_safety(p, a) for p, a in zip(prompts, answers) if world.is_safety_prompt(p)]
         mean, se = mean_and_se(helpful)
@@ -65,9 +55,9 @@ class GoldEvalCallback(L.Callback):
         if safe:
             m[f"eval/gold_safety{suffix}"] = sum(safe) / len(safe)
         if self.sample_temperature is not None:
-            sampled = generate(pl_module.model, pl_module.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
-                               batch_size=self.batch_size, do_sample=True, temperature=float(self.sample_temperature),
-                               seed=self.sample_seed)
+            sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=float(self.sample_temperature),
+                                seed=self.sample_seed)
+            sampled = engine.generate_text(prompts, sampling, self.batch_size)
             mean, se = mean_and_se([world.gold_helpfulness(p, o[0]) for p, o in zip(prompts, sampled)])
             m[f"eval/gold_helpfulness_sampled{suffix}"] = mean
             m[f"eval/gold_helpfulness_sampled_se{suffix}"] = se

@@ -22,6 +22,8 @@ import threading
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.checkpoint import SafeCheckpoint
+
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75
@@ -75,8 +77,6 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.received is None:
             return
-        from callbacks.checkpoint import SafeCheckpoint
-
         if SafeCheckpoint._validation_follows(trainer):
             self._stop_after_validation = True  # stopping now would interrupt the validation that follows
         else:
@@ -91,8 +91,6 @@ class Preemption(L.Callback):
             return
         if self.received is None:
             self.received = "SIGTERM"
-        from callbacks.checkpoint import SafeCheckpoint
-
         ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, SafeCheckpoint) and c.save_last), None)
         if ckpt is None:
             log.warning("%s: no checkpoint callback with save_last (callbacks=none?): nothing saved", self.received)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import lightning as L
+import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +32,6 @@ class EpochEndResume(L.Callback):
 
 def rng_states() -> dict:
     """The torch (and CUDA), numpy and Python RNG states, in types ``torch.load(weights_only=True)`` accepts."""
-    import random
-
-    import numpy as np
-    import torch
-
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     out = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
@@ -43,11 +41,6 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
     torch.set_rng_state(states["torch"])
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in states["python"]))
     name, keys, pos, has_gauss, gauss = states["numpy"]

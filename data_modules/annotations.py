@@ -8,7 +8,7 @@ flat preference pairs ``data=pairs`` reads.
 One JSON object per line (``annotations.jsonl``):
 
     id            str   sha1 of the prompt and the two responses (16 hex; the same pair in either order, same id)
-    prompt_id     str   sha1 of the prompt (16 hex), as ``llama2_lit.stages.rs_bag.prompt_id``
+    prompt_id     str   sha1 of the prompt (16 hex): :func:`prompt_id`, the RS bag's key too
     prompt        str   the user message
     is_safety     bool  the prompt's safety tag (Llama 2's IS_SAFETY(p))
     response_a    str   first response shown
@@ -46,7 +46,9 @@ from typing import Any, Mapping, Sequence
 
 from data_modules.preferences import RATINGS, UNKNOWN, parse_rating
 from data_modules.sources import brief, iter_jsonl, lone_surrogate
+from data_modules.synthetic_pairs import DEFAULT_THRESHOLDS, annotate
 from llama2_lit.errors import DataError, UserError
+from llama2_lit.world import oracle as world
 
 CHOICES = ("a", "b")
 SAFETY_LABELS = ("preferred_safe_other_unsafe", "both_safe", "both_unsafe")
@@ -58,7 +60,7 @@ ON_ERROR = ("raise", "skip")
 
 
 def prompt_id(prompt: str) -> str:
-    """sha1 of the prompt text, 16 hex (the same key as ``llama2_lit.stages.rs_bag.prompt_id``)."""
+    """sha1 of the prompt text, 16 hex: the key of a prompt in annotation files, the RS bag and prompt sets."""
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
 
 
@@ -299,9 +301,6 @@ def simulate_row(row: Mapping[str, Any], *, seed: int = 0, thresholds: Mapping[s
     the other rows. A ``simulated`` key records the gold scores (``[a, b]``), the gap, the flip and the outcome.
     World prompts only (``ValueError`` otherwise).
     """
-    from llama2_lit.world import oracle as world
-    from data_modules.synthetic_pairs import DEFAULT_THRESHOLDS, annotate
-
     thr = {**DEFAULT_THRESHOLDS, **dict(thresholds or {})}
     prompt, a, b = row["prompt"], row["response_a"], row["response_b"]
     is_safety = world.is_safety_prompt(prompt)
@@ -336,18 +335,27 @@ def simulate_row(row: Mapping[str, Any], *, seed: int = 0, thresholds: Mapping[s
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+_COMMANDS = {"ingest": "validate <annotated.jsonl> and write its annotated rows to <pairs.jsonl>",
+             "check": "validate <annotated.jsonl> only"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    """``ingest <annotated> <pairs> [--on-error]`` and ``check <annotated>``."""
     ap = argparse.ArgumentParser(prog="python -m data_modules.annotations",
                                  description="Validate annotated preference rows and turn them into flat pairs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    ing = sub.add_parser("ingest", help="validate <annotated.jsonl> and write its annotated rows to <pairs.jsonl>")
-    ing.add_argument("annotated")
-    ing.add_argument("pairs")
-    ing.add_argument("--on-error", choices=ON_ERROR, default="raise",
-                     help="raise: list every error and write nothing (default); skip: leave bad rows out, counted")
-    chk = sub.add_parser("check", help="validate <annotated.jsonl> only")
-    chk.add_argument("annotated")
-    args = ap.parse_args(argv)
+    for cmd, what in _COMMANDS.items():
+        p = sub.add_parser(cmd, help=what)
+        p.add_argument("annotated")
+        if cmd == "ingest":
+            p.add_argument("pairs")
+            p.add_argument("--on-error", choices=ON_ERROR, default="raise",
+                           help="raise: list every error and write nothing (default); skip: leave bad rows out, counted")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         if args.cmd == "check":
             rows, errors = read_annotations(args.annotated)

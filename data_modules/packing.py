@@ -69,18 +69,24 @@ def _fit(examples, seq_len: int, overlong: str, stats: PackStats):
         yield ids, labels
 
 
+def check_packing(packing: str, overlong: str, error: type[Exception] = ValueError, prefix: str = "") -> None:
+    """Refuse an unknown ``packing`` or ``overlong``, and ``overlong=split`` without ``packing=concat``; ``error`` and
+    ``prefix`` (the option path, e.g. ``data.``) word the refusal for the caller."""
+    if packing not in PACKINGS:
+        raise error(f"{prefix}packing: unknown '{packing}' (choose {list(PACKINGS)})")
+    if overlong not in OVERLONG:
+        raise error(f"{prefix}overlong: unknown '{overlong}' (choose {list(OVERLONG)})")
+    if overlong == "split" and packing != "concat":
+        raise error(f"{prefix}overlong=split needs {prefix}packing=concat (an isolated example cannot span rows)")
+
+
 def pack(examples, seq_len: int, pad_id: int, packing: str = "isolated", overlong: str = "truncate"):
     """Pack ``examples`` (an iterable of ``(input_ids, labels)``) into rows of ``seq_len`` tokens.
 
     Returns ``(rows, stats)``; ``rows`` is a list of ``Row`` (lists of ints of length ``seq_len``,
     except for ``packing='none'``). Pad positions carry ``pad_id`` and label ``IGNORE_INDEX``.
     """
-    if packing not in PACKINGS:
-        raise ValueError(f"packing must be one of {PACKINGS}, got '{packing}'")
-    if overlong not in OVERLONG:
-        raise ValueError(f"overlong must be one of {OVERLONG}, got '{overlong}'")
-    if overlong == "split" and packing != "concat":
-        raise ValueError("overlong=split only makes sense with packing=concat (an isolated example cannot span rows)")
+    check_packing(packing, overlong)
     if seq_len < 2:
         raise ValueError("seq_len must be >= 2")
     stats = PackStats()

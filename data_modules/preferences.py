@@ -295,58 +295,50 @@ def _flat_prompt(text: str, path, line) -> list[dict]:
     return [{"role": "user", "content": text.strip()}]
 
 
-def to_pair(
-    record: dict,
-    *,
-    fmt: str = "auto",
-    path=None,
-    line=None,
-    default_is_safety: bool = False,
-    source: str | None = None,
-) -> PreferencePair:
-    """Turn one record into a :class:`PreferencePair` (formats: see the module docstring).
+def _hh_conversation(record, path, line) -> tuple[list[dict], str, str]:
+    """``(prompt, chosen, rejected)`` of an Anthropic HH record: two transcripts sharing the dialogue."""
+    chosen_t = _require_str(record, "chosen", path, line)
+    rejected_t = _require_str(record, "rejected", path, line)
+    try:
+        return split_hh_transcript(chosen_t, rejected_t)
+    except HHSplitError as e:
+        raise _err(path, line, e.field, str(e), e.reason) from None
 
-    Raises :class:`PairError` (a :class:`DataError`: ``path:line: field 'x' message``) for a missing
-    field, a wrong type, an empty chosen/rejected answer, chosen == rejected, an unknown rating, a bad
-    ``is_safety``/``margin``, or an HH transcript without an Assistant turn / without a shared dialogue.
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown preference format {fmt!r} (expected one of: {', '.join(FORMATS)})")
-    if not isinstance(record, dict):
-        raise _err(path, line, None, f"expected an object, got {type(record).__name__}", "bad_type")
-    kind = _detect(record) if fmt == "auto" else fmt
 
-    if kind == "hh":
-        chosen_t = _require_str(record, "chosen", path, line)
-        rejected_t = _require_str(record, "rejected", path, line)
-        try:
-            prompt, chosen, rejected = split_hh_transcript(chosen_t, rejected_t)
-        except HHSplitError as e:
-            raise _err(path, line, e.field, str(e), e.reason) from None
-    elif kind == "flat":
-        prompt = _flat_prompt(_require_str(record, "prompt", path, line), path, line)
-        chosen = _require_str(record, "chosen", path, line).strip()
-        rejected = _require_str(record, "rejected", path, line).strip()
-    else:  # messages
-        if record.get("prompt") is not None:
-            p = record["prompt"]
-            prompt = _flat_prompt(p, path, line) if isinstance(p, str) else _message_list(p, "prompt", path, line)
-            chosen = _answer(_require(record, "chosen", path, line), prompt, "chosen", path, line)
-            rejected = _answer(_require(record, "rejected", path, line), prompt, "rejected", path, line)
-        else:
-            c = _message_list(_require(record, "chosen", path, line), "chosen", path, line)
-            r = _message_list(_require(record, "rejected", path, line), "rejected", path, line)
-            for name, msgs in (("chosen", c), ("rejected", r)):
-                if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
-                    msg = "must be prompt messages followed by a final assistant message"
-                    raise _err(path, line, name, msg, "bad_value")
-            if c[:-1] != r[:-1]:
-                msg = "does not share the prompt messages with 'chosen'"
-                raise _err(path, line, "rejected", msg, "prefix_mismatch")
-            prompt, chosen, rejected = c[:-1], c[-1]["content"].strip(), r[-1]["content"].strip()
+def _flat_conversation(record, path, line) -> tuple[list[dict], str, str]:
+    """``(prompt, chosen, rejected)`` of a flat record: a prompt string and two answer strings."""
+    prompt = _flat_prompt(_require_str(record, "prompt", path, line), path, line)
+    return (prompt, _require_str(record, "chosen", path, line).strip(),
+            _require_str(record, "rejected", path, line).strip())
+
+
+def _messages_conversation(record, path, line) -> tuple[list[dict], str, str]:
+    """``(prompt, chosen, rejected)`` of a chat-message record: a prompt with two answers, or two message lists
+    that share the prompt messages and end with the assistant's answer."""
+    if record.get("prompt") is not None:
+        p = record["prompt"]
+        prompt = _flat_prompt(p, path, line) if isinstance(p, str) else _message_list(p, "prompt", path, line)
+        return (prompt, _answer(_require(record, "chosen", path, line), prompt, "chosen", path, line),
+                _answer(_require(record, "rejected", path, line), prompt, "rejected", path, line))
+    c = _message_list(_require(record, "chosen", path, line), "chosen", path, line)
+    r = _message_list(_require(record, "rejected", path, line), "rejected", path, line)
+    for name, msgs in (("chosen", c), ("rejected", r)):
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            msg = "must be prompt messages followed by a final assistant message"
+            raise _err(path, line, name, msg, "bad_value")
+    if c[:-1] != r[:-1]:
+        msg = "does not share the prompt messages with 'chosen'"
+        raise _err(path, line, "rejected", msg, "prefix_mismatch")
+    return c[:-1], c[-1]["content"].strip(), r[-1]["content"].strip()
+
+
+_CONVERSATIONS = {"hh": _hh_conversation, "flat": _flat_conversation, "messages": _messages_conversation}
+
+
+def _check_conversation(prompt: list[dict], chosen: str, rejected: str, path, line) -> None:
+    """Refuse a prompt that does not end with a user turn, an empty answer, or identical answers."""
     if not prompt or prompt[-1]["role"] != "user":
         raise _err(path, line, "prompt", "must end with a user turn", "bad_value")
-
     if not chosen:
         raise _err(path, line, "chosen", "is empty", "empty_answer")
     if not rejected:
@@ -354,6 +346,9 @@ def to_pair(
     if chosen == rejected:
         raise _err(path, line, "rejected", "is identical to 'chosen'", "identical_answers")
 
+
+def _labels(record, default_is_safety: bool, path, line) -> tuple[str, bool, float | None]:
+    """``(rating, is_safety, margin)`` of a record (rating: see :func:`parse_rating`; margin None: from the rating)."""
     try:
         rating = parse_rating(record.get("rating"))
     except ValueError as e:
@@ -376,7 +371,32 @@ def to_pair(
         if not ok:
             raise _err(path, line, "margin", f"must be a finite number, got {brief(margin)}", "bad_value")
         margin = float(margin)
+    return rating, is_safety, margin
 
+
+def to_pair(
+    record: dict,
+    *,
+    fmt: str = "auto",
+    path=None,
+    line=None,
+    default_is_safety: bool = False,
+    source: str | None = None,
+) -> PreferencePair:
+    """Turn one record into a :class:`PreferencePair` (formats: see the module docstring).
+
+    Raises :class:`PairError` (a :class:`DataError`: ``path:line: field 'x' message``) for a missing
+    field, a wrong type, an empty chosen/rejected answer, chosen == rejected, an unknown rating, a bad
+    ``is_safety``/``margin``, or an HH transcript without an Assistant turn / without a shared dialogue.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown preference format {fmt!r} (expected one of: {', '.join(FORMATS)})")
+    if not isinstance(record, dict):
+        raise _err(path, line, None, f"expected an object, got {type(record).__name__}", "bad_type")
+    kind = _detect(record) if fmt == "auto" else fmt
+    prompt, chosen, rejected = _CONVERSATIONS[kind](record, path, line)
+    _check_conversation(prompt, chosen, rejected, path, line)
+    rating, is_safety, margin = _labels(record, default_is_safety, path, line)
     src = record.get("source")
     if not isinstance(src, str) or not src:
         src = source if source is not None else (Path(str(path)).name if path is not None else "")

@@ -17,12 +17,12 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Sampler
 
+from data_modules.annotations import prompt_id
 from data_modules.resumable import EpochRandomSampler, ResumableDataLoader
 from data_modules.sft import PackedSFTDataModule
 from data_modules.sources import brief, iter_records
 from llama2_lit.world import oracle as world
 from llama2_lit.errors import DataError, UserError
-from llama2_lit.stages.rs_bag import prompt_id
 
 log = logging.getLogger(__name__)
 _SYNTHETIC = {"num_train": 512, "num_val": 0, "num_eval": 128, "safety_fraction": 0.2}

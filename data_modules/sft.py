@@ -16,12 +16,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.packing import OVERLONG, PACKINGS, Row, pack
+from data_modules.packing import Row, check_packing, pack
 from data_modules.records import FORMATS, text_of, to_messages, tokenize_chat, tokenize_text
 from data_modules.resumable import EpochRandomSampler, ResumableDataLoader
 from data_modules.sources import iter_records
 from llama2_lit.errors import DataError, UserError
 from llama2_lit.core.losses import IGNORE_INDEX
+from llama2_lit.world import oracle as world
 
 log = logging.getLogger(__name__)
 MODES = ("sft", "pretrain")
@@ -89,12 +90,7 @@ class PackedSFTDataModule(L.LightningDataModule):
             raise UserError(f"data.mode: unknown '{mode}' (choose {list(MODES)})")
         if path != "synthetic" and format not in FORMATS:
             raise UserError(f"data.format: unknown '{format}' (choose {list(FORMATS)})")
-        if packing not in PACKINGS:
-            raise UserError(f"data.packing: unknown '{packing}' (choose {list(PACKINGS)})")
-        if overlong not in OVERLONG:
-            raise UserError(f"data.overlong: unknown '{overlong}' (choose {list(OVERLONG)})")
-        if overlong == "split" and packing != "concat":
-            raise UserError("data.overlong=split needs data.packing=concat (an isolated example cannot span rows)")
+        check_packing(packing, overlong, UserError, "data.")
         if tokenizer.pad_token_id is None:
             raise UserError("tokenizer has no pad token")
         self.tokenizer = tokenizer
@@ -113,8 +109,6 @@ class PackedSFTDataModule(L.LightningDataModule):
 
     # -- examples -------------------------------------------------------------------------
     def _synthetic_examples(self, split: str, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
-        from llama2_lit.world import oracle as world
-
         tasks = world.generate_tasks(n, seed=seed, split=split, safety_fraction=self.synthetic["safety_fraction"])
         out = []
         for t in tasks:
@@ -180,8 +174,6 @@ class PackedSFTDataModule(L.LightningDataModule):
 
     # -- gold evaluation prompts (synthetic world only) ----------------------------------
     def eval_prompts(self) -> list[str]:
-        from llama2_lit.world import oracle as world
-
         if not self.oracle:
             return []
         return [t.prompt for t in world.generate_tasks(self.synthetic["num_eval"], seed=self.seed + 2,

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from llama2_lit.errors import DataError, UserError
 
@@ -123,23 +124,32 @@ def iter_jsonl(path: str | os.PathLike,
     """
     p = Path(os.path.expanduser(str(path)))
     with p.open("rb") as f:
-        for i, raw in enumerate(f, start=1):
-            raw = _strip_bom(raw) if i == 1 else raw
-            if not raw.strip():
-                continue
-            try:
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(str(p), i, None, f"not valid UTF-8 (byte {e.start + 1} of the line: "
-                                                     f"{e.reason})") from None
-                rec = _record(_loads(text, str(p), i), str(p), i)
-            except DataError as e:
-                if on_bad is None:
-                    raise
-                on_bad(e)
-                continue
-            yield i, rec
+        lines = ((i, _strip_bom(raw) if i == 1 else raw) for i, raw in enumerate(f, start=1))
+        reads = ((i, partial(_line_record, raw, str(p), i)) for i, raw in lines if raw.strip())
+        yield from _tolerant(reads, on_bad)
+
+
+def _line_record(raw: bytes, path: str, i: int) -> dict:
+    """The record on line ``i`` (bytes ``raw``) of a JSON Lines file."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, i, None, f"not valid UTF-8 (byte {e.start + 1} of the line: {e.reason})") from None
+    return _record(_loads(text, path, i), path, i)
+
+
+def _tolerant(reads: Iterable[tuple[int, Callable[[], dict]]],
+              on_bad: Callable[[DataError], None] | None) -> Iterator[tuple[int, dict]]:
+    """``(i, read())`` for each ``(i, read)``; a ``DataError`` goes to ``on_bad`` (None: raised) and the row is skipped."""
+    for i, read in reads:
+        try:
+            rec = read()
+        except DataError as e:
+            if on_bad is None:
+                raise
+            on_bad(e)
+            continue
+        yield i, rec
 
 
 def _iter_json(p: Path, on_bad: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, dict]]:
@@ -153,15 +163,7 @@ def _iter_json(p: Path, on_bad: Callable[[DataError], None] | None = None) -> It
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(str(p), None, None, "expected a JSON list of objects (or {\"data\": [...]})")
-    for i, rec in enumerate(data, start=1):
-        try:
-            rec = _record(rec, str(p), i)
-        except DataError as e:
-            if on_bad is None:
-                raise
-            on_bad(e)
-            continue
-        yield i, rec
+    yield from _tolerant(((i, partial(_record, rec, str(p), i)) for i, rec in enumerate(data, start=1)), on_bad)
 
 
 def _iter_dataset(ds, name: str) -> Iterator[tuple[int, dict]]:

@@ -3,7 +3,9 @@
 For each world prompt, two responses are sampled, either from a policy checkpoint (a causal LM folder,
 e.g. an SFT run's ``hf/``; each response at a temperature drawn from ``temperatures``, as the paper
 varies temperature) or, with ``policy: perturb``, by :func:`llama2_lit.world.oracle.perturb` at two random noise
-levels (no model: fast, for tests). The simulated annotator (:func:`annotate`) then
+levels (no model: fast, for tests). The policy is sampled by ``policy_sampler``, a callable the config injects
+(``llama2_lit.stages.collect.policy_pair_sampler``), so this data module imports no model code. The simulated
+annotator (:func:`annotate`) then
 
 * on helpfulness prompts compares ``world.gold_helpfulness``; on safety prompts ``world.gold_safety``
   (ties broken by helpfulness), so an unsafe response is never chosen over a safe one;
@@ -13,8 +15,8 @@ levels (no model: fast, for tests). The simulated annotator (:func:`annotate`) t
   ``negligibly_better`` with a random choice (``ties: keep``, the paper's "unsure");
 * flips the choice with probability ``label_noise`` (annotator error; the rating is kept).
 
-Identical or empty responses are resampled up to ``max_tries`` times, then counted (``unpaired``) and
-left out. The pairs are
+Identical or empty responses are drawn again up to ``max_tries`` draws in all (:func:`draw_pairs`, which
+``stage=collect`` shares), then counted (``unpaired``) and left out. The pairs are
 written as flat JSONL (``prompt``, ``chosen``, ``rejected``, ``rating``, ``is_safety`` plus the gold
 scores for inspection) under a cache folder keyed by every setting and the policy's files, and copied
 to ``<run_dir>/pairs/{train,val}.jsonl``.
@@ -28,7 +30,8 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -86,23 +89,53 @@ def sample_perturb(tasks: Sequence[world.Task], rng: random.Random) -> list[tupl
     return [(world.perturb(t, rng, rng.random()), world.perturb(t, rng, rng.random())) for t in tasks]
 
 
-def sample_policy(model, tokenizer, prompts: Sequence[str], rng: random.Random, *, temperatures: Sequence[float],
-                  top_p: float = 1.0, max_new_tokens: int = 24, batch_size: int = 64) -> list[tuple[str, str]]:
-    """Two sampled answers per prompt, each at a temperature drawn from ``temperatures`` (0 = greedy)."""
-    from llama2_lit.generation.engine import generate
+Pair = tuple[str, str]
+# policy_sampler(policy folder, tokenizer, *, temperatures, top_p, max_new_tokens, batch_size) -> sample(prompts, rng)
+PolicySampler = Callable[..., Callable[[Sequence[str], random.Random], list[Pair]]]
 
-    temps = [(rng.choice(list(temperatures)), rng.choice(list(temperatures))) for _ in prompts]
-    out: list[list[str]] = [["", ""] for _ in prompts]
-    for t in sorted(set(float(x) for x in temperatures)):
-        reqs = [(i, s) for i in range(len(prompts)) for s in (0, 1) if float(temps[i][s]) == t]
-        if not reqs:
-            continue
-        kw = dict(do_sample=True, temperature=t, top_p=top_p) if t > 0 else dict(do_sample=False)
-        gens = generate(model, tokenizer, [prompts[i] for i, _ in reqs], max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, **kw)
-        for (i, s), g in zip(reqs, gens):
-            out[i][s] = g[0]
-    return [(a, b) for a, b in out]
+
+def usable(a: str, b: str) -> bool:
+    """Whether two answers make a pair: both non-empty and different (ends stripped)."""
+    return bool(a.strip()) and bool(b.strip()) and a.strip() != b.strip()
+
+
+@dataclass
+class Draws:
+    """What :func:`draw_pairs` saw: every item's first draw, the items never paired and the draws that failed."""
+
+    first: dict[int, Pair] = field(default_factory=dict)  # item index -> its first draw, in draw order
+    unpaired: list[int] = field(default_factory=list)     # items still without a usable pair after the last draw
+    resampled: set[int] = field(default_factory=set)      # items drawn more than once
+    identical: int = 0                                    # draws whose two answers were the same
+    empty: int = 0                                        # draws with an empty answer
+
+
+def draw_pairs(items: Sequence, sample: Callable[[Sequence, int], list[Pair]], on_pair: Callable[[int, str, str], Any],
+               *, max_tries: int) -> Draws:
+    """Draw two answers for every item, and again for the items whose two answers are identical or empty, at most
+    ``max_tries`` draws in all. ``sample(items, attempt) -> [(a, b)]``; ``on_pair(index, a, b)`` is called for every
+    usable pair as soon as it is drawn (in item order within a draw)."""
+    d = Draws()
+    pending = list(range(len(items)))
+    for attempt in range(max(1, int(max_tries))):
+        if not pending:
+            break
+        if attempt:
+            d.resampled.update(pending)
+        retry = []
+        for i, (a, b) in zip(pending, sample([items[i] for i in pending], attempt)):
+            d.first.setdefault(i, (a, b))
+            if usable(a, b):
+                on_pair(i, a, b)
+                continue
+            if not a.strip() or not b.strip():
+                d.empty += 1
+            else:
+                d.identical += 1
+            retry.append(i)
+        pending = retry
+    d.unpaired = pending
+    return d
 
 
 def make_pairs(tasks: Sequence[world.Task], sampler, rng: random.Random, *, max_tries: int = 3,
@@ -110,32 +143,26 @@ def make_pairs(tasks: Sequence[world.Task], sampler, rng: random.Random, *, max_
     """Annotated pair records for ``tasks``; ``sampler(tasks) -> [(a, b)]`` is called again for the tasks whose
     two answers are identical or empty, at most ``max_tries`` times in all."""
     records: dict[int, dict] = {}
-    pending = list(range(len(tasks)))
-    ties = gold_sum = n_samples = 0
-    for _ in range(max(1, max_tries)):
-        if not pending:
-            break
-        answers = sampler([tasks[i] for i in pending])
-        retry = []
-        for i, (a, b) in zip(pending, answers):
-            if n_samples < 2 * len(tasks):  # policy quality: the first two samples of every prompt
-                gold_sum += world.gold_helpfulness(tasks[i].prompt, a) + world.gold_helpfulness(tasks[i].prompt, b)
-                n_samples += 2
-            if a.strip() == b.strip() or not a.strip() or not b.strip():  # no pair: sample again
-                retry.append(i)
-                continue
-            rec = annotate(tasks[i].prompt, a, b, rng, **annotator)
-            if rec is None:  # a dropped tie
-                ties += 1
-                continue
-            ties += rec["gold_gap"] == 0
-            records[i] = rec
-        pending = retry
+    ties = 0
+
+    def annotate_pair(i: int, a: str, b: str) -> None:
+        nonlocal ties
+        rec = annotate(tasks[i].prompt, a, b, rng, **annotator)
+        if rec is None:  # a dropped tie
+            ties += 1
+            return
+        ties += rec["gold_gap"] == 0
+        records[i] = rec
+
+    draws = draw_pairs(tasks, lambda ts, attempt: sampler(ts), annotate_pair, max_tries=max_tries)
+    gold_sum = 0.0
+    for i, (a, b) in draws.first.items():  # policy quality: the first two samples of every prompt
+        gold_sum += world.gold_helpfulness(tasks[i].prompt, a) + world.gold_helpfulness(tasks[i].prompt, b)
     out = [records[i] for i in sorted(records)]
     stats = {
-        "prompts": len(tasks), "pairs": len(out), "unpaired": len(pending), "ties": ties,
+        "prompts": len(tasks), "pairs": len(out), "unpaired": len(draws.unpaired), "ties": ties,
         "label_flipped": sum(r["label_flipped"] for r in out), "safety_pairs": sum(r["is_safety"] for r in out),
-        "sample_gold_helpfulness": gold_sum / max(1, n_samples),
+        "sample_gold_helpfulness": gold_sum / max(1, 2 * len(draws.first)),
         "mean_gold_gap": sum(r["gold_gap"] for r in out) / max(1, len(out)),
     }
     for r in RATINGS:
@@ -156,34 +183,22 @@ def _fingerprint(policy: str | None) -> list:
                                        if f.is_file())
 
 
-def _load_policy(policy: str, tokenizer):
-    from transformers import AutoTokenizer
-
-    from llama2_lit.models.loading import load_causal_lm
-
-    tok = tokenizer
-    if (Path(policy) / "tokenizer_config.json").exists():
-        tok = AutoTokenizer.from_pretrained(policy)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-    model = load_causal_lm({"path": policy, "dtype": "float32", "attn_implementation": "sdpa"}, tok)
-    return model.eval(), tok
-
-
 def build_synthetic_pairs(tokenizer=None, *, seed: int = 0, run_dir: str | None = None, cache_dir: str | None = None,
                           policy: str | None = "perturb", num_train: int = 4000, num_val: int = 400,
                           num_eval: int = 0, safety_fraction: float = 0.2,
                           temperatures: Sequence[float] = (0.7, 1.0, 1.3),
                           top_p: float = 1.0, max_new_tokens: int = 24, gen_batch_size: int = 64,
                           thresholds: Mapping[str, float] | None = None, label_noise: float = 0.0, ties: str = "drop",
-                          max_tries: int = 3, perturb_fraction: float = 0.0,
+                          max_tries: int = 3, perturb_fraction: float = 0.0, policy_sampler: PolicySampler | None = None,
                           **unknown: Any) -> tuple[dict[str, str], dict[str, float]]:
     """Write train (``split=train`` prompts, ``seed``) and val (held-out prompts, ``seed + 1``) pair files.
 
     ``policy``: a causal LM folder to sample from, or ``perturb`` / null (no model). ``perturb_fraction``: with a
     policy, the share of prompts whose two answers come from ``world.perturb`` instead (a second source of
     preference data covering the whole quality range, like the paper's open-source data next to Meta's). ``num_eval`` is
-    accepted and unused (shared with the SFT world options). Returns ``({"train": path, "val": path},
+    accepted and unused (shared with the SFT world options). ``policy_sampler``: how to sample a policy (see
+    :data:`PolicySampler`; the config injects ``llama2_lit.stages.collect.policy_pair_sampler``), needed with a
+    policy only and not part of the cache key. Returns ``({"train": path, "val": path},
     stats)`` with stats flattened as ``data/synthetic/<split>/<key>``.
     """
     if unknown:
@@ -196,6 +211,9 @@ def build_synthetic_pairs(tokenizer=None, *, seed: int = 0, run_dir: str | None 
         raise UserError(f"data.synthetic.label_noise must be in [0, 0.5], got {label_noise}")
     thr = {**DEFAULT_THRESHOLDS, **dict(thresholds or {})}
     policy = None if policy in (None, "", "perturb") else str(policy)
+    if policy is not None and policy_sampler is None:
+        raise UserError("data.synthetic.policy_sampler: sampling pairs from a policy needs a sampler (conf/data/"
+                        "synthetic_pairs.yaml injects llama2_lit.stages.collect.policy_pair_sampler)")
     settings = dict(v=_VERSION, seed=seed, policy=_fingerprint(policy), num_train=num_train, num_val=num_val,
                     safety_fraction=safety_fraction, temperatures=[float(t) for t in temperatures], top_p=top_p,
                     max_new_tokens=max_new_tokens, thresholds=thr, label_noise=label_noise, ties=ties,
@@ -210,7 +228,10 @@ def build_synthetic_pairs(tokenizer=None, *, seed: int = 0, run_dir: str | None 
         log.info("synthetic pairs: reusing %s", folder)
         stats = json.loads(stats_file.read_text())
     else:
-        stats = _generate(folder, files, settings, policy, tokenizer, seed, thr, gen_batch_size)
+        sample = None if policy is None else policy_sampler(
+            policy, tokenizer, temperatures=settings["temperatures"], top_p=settings["top_p"],
+            max_new_tokens=settings["max_new_tokens"], batch_size=gen_batch_size)
+        stats = _generate(folder, files, settings, policy, sample, seed, thr)
         tmp = stats_file.with_suffix(f".{os.getpid()}.tmp")  # atomic: the ranks of one run each write it
         tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         tmp.replace(stats_file)
@@ -225,17 +246,15 @@ def build_synthetic_pairs(tokenizer=None, *, seed: int = 0, run_dir: str | None 
     return {s: str(f) for s, f in files.items()}, stats
 
 
-def _generate(folder: Path, files, settings, policy, tokenizer, seed, thr, gen_batch_size) -> dict[str, float]:
+def _generate(folder: Path, files, settings, policy: str | None, sample, seed, thr) -> dict[str, float]:
+    """Write the train and val pair files; ``sample(prompts, rng) -> [(a, b)]`` samples the policy (None: perturb)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model = tok = None
-    if policy is not None:
-        model, tok = _load_policy(policy, tokenizer)
     stats: dict[str, float] = {}
     splits = {"train": ("train", settings["num_train"], seed), "val": ("heldout", settings["num_val"], seed + 1)}
     for name, (split, n, s) in splits.items():
         tasks = world.generate_tasks(n, seed=s, split=split, safety_fraction=settings["safety_fraction"])
         rng = random.Random(f"synthetic-pairs|{name}|{s}")
-        if model is None:
+        if sample is None:
             sampler = lambda ts: sample_perturb(ts, rng)  # noqa: E731
         else:
             frac = settings.get("perturb_fraction", 0.0)
@@ -245,10 +264,7 @@ def _generate(folder: Path, files, settings, policy, tokenizer, seed, thr, gen_b
                 out = [None] * len(ts)
                 idx = [i for i, u in enumerate(use) if not u]
                 if idx:
-                    got = sample_policy(model, tok, [ts[i].prompt for i in idx], rng,
-                                        temperatures=settings["temperatures"], top_p=settings["top_p"],
-                                        max_new_tokens=settings["max_new_tokens"], batch_size=gen_batch_size)
-                    for i, pair in zip(idx, got):
+                    for i, pair in zip(idx, sample([ts[i].prompt for i in idx], rng)):
                         out[i] = pair
                 for i in (i for i, u in enumerate(use) if u):
                     out[i] = (world.perturb(ts[i], rng, rng.random()), world.perturb(ts[i], rng, rng.random()))
@@ -262,5 +278,5 @@ def _generate(folder: Path, files, settings, policy, tokenizer, seed, thr, gen_b
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(files[name])
         stats.update({f"data/synthetic/{name}/{k}": v for k, v in st.items()})
-        log.info("synthetic %s pairs (%s): %s", name, "perturb" if model is None else policy, st)
+        log.info("synthetic %s pairs (%s): %s", name, policy or "perturb", st)
     return stats

@@ -16,15 +16,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from llama2_lit.world import oracle as world
-from llama2_lit.errors import UserError
 from llama2_lit.core.rl import safety_gated_reward
-from llama2_lit.stages.rs_bag import tokenizer_fingerprint
+from llama2_lit.errors import UserError
+from llama2_lit.models.reward import load_exported, score
+from llama2_lit.models.tokenizers import tokenizer_fingerprint
+from llama2_lit.world import oracle as world
 
 log = logging.getLogger(__name__)
 SCORERS = ("rm", "gold")
-
-
 
 
 class GoldScorer:
@@ -56,8 +55,6 @@ class RMScorer:
     def __init__(self, helpfulness: str, safety: str | None, policy_tokenizer, batch_size: int = 32,
                  max_length: int | None = None, device: str | torch.device = "cpu", dtype: str = "float32",
                  on_meta: bool = False):
-        from llama2_lit.models.reward import load_exported
-
         self.paths = {"helpfulness": str(helpfulness), "safety": str(safety) if safety else None}
         self.batch_size, self.max_length = batch_size, max_length
         self.models = {"helpfulness": load_exported(helpfulness, dtype=dtype, device=device, on_meta=on_meta)}
@@ -75,8 +72,6 @@ class RMScorer:
         self.description = f"reward models {self.paths}"
 
     def _score(self, name: str, prompts, responses) -> torch.Tensor:
-        from llama2_lit.models.reward import score
-
         model, tok = self.models[name]
         return torch.sigmoid(score(model, tok, list(prompts), list(responses), batch_size=self.batch_size,
                                    max_length=self.max_length).double())

@@ -72,9 +72,6 @@ def test_collect_pairs_rows_schema_resampling_and_sides():
         cold = r["response_a"] if r["source_a"] == "cold" else r["response_b"]
         assert cold in ("Rev-x", "5", "The-x")
     assert rows[2]["is_safety"] is True and rows[0]["is_safety"] is False
-    from llama2_lit.stages.rs_bag import prompt_id as rs_prompt_id
-
-    assert prompt_id("What is 2 + 3?") == rs_prompt_id("What is 2 + 3?")
     again, _ = collect_pairs(prompts, sample, max_tries=3, seed=1, sources=src)
     assert again == rows  # sides are seeded by the prompt
     sides = {collect_pairs(prompts, sample, max_tries=3, seed=s, sources=src)[0][0]["source_a"] for s in range(12)}
@@ -272,7 +269,7 @@ def test_ingest_cli_as_a_module(tmp_path):
 
 # ------------------------------------------------------------------------------------------- the stage
 
-COLLECT = ["stage=collect", "data.synthetic.num_train=12", "collect.max_new_tokens=6", "collect.batch_size=8",
+COLLECT = ["stage=collect", "bootstrap.enabled=false", "data.synthetic.num_train=12", "collect.max_new_tokens=6", "collect.batch_size=8",
            "collect.ties=keep", "+model.config.initializer_range=0.2"]
 
 
@@ -280,7 +277,7 @@ def test_stage_collect_end_to_end_then_rm_on_its_pairs(make_cfg, tmp_path):
     from llama2_lit.run import run
 
     cfg = make_cfg(*COLLECT, out=tmp_path / "collect")
-    assert cfg.stage.runner == "llama2_lit.stages.collect.run" and cfg.data._target_.endswith("PromptDataModule")
+    assert cfg.data._target_.endswith("PromptDataModule")  # the stage dispatch: llama2_lit.run.STAGES
     assert cfg.collect.max_new_tokens == 6 and cfg.collect.num_threads == 1  # conf/scale/collect_tiny.yaml applied
     m = run(cfg)
     d = tmp_path / "collect"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from llama2_lit.generation.engine import Engine, Sampling, encode_prompts, generate, left_pad, sample_tokens, top_p_filter
+from llama2_lit.generation.engine import Engine, Sampling, encode_prompts, left_pad, sample_tokens, top_p_filter
 from llama2_lit.errors import UserError
 from llama2_lit.models.loading import load_causal_lm
 
@@ -127,17 +127,19 @@ def test_sampler_draws_from_the_tempered_distribution():
     assert (tok == 0).all()
 
 
-def test_generate_wrapper_keeps_the_generation_module_contract(tok):
-    """``engine.generate`` takes ``llama2_lit.generation.engine.generate``'s arguments and returns the same texts (greedy)
-    as HF generate does, so generation.py can delegate to it."""
+def test_generate_text_batches_prompts_and_returns_hf_generate_texts(tok):
+    """``Engine.generate_text`` chunks the prompts (``batch_size`` per call, call ``i`` seeded ``seed + i``) and returns
+    ``num_samples`` texts per prompt: the same texts (greedy) as HF generate."""
     model = tiny(tok, seed=3)
     ids, mask = batch(tok)
     new, _ = hf_generate(model, tok, ids, mask, 8, tok.eos_token_id)
     expect = [[t.strip()] for t in tok.batch_decode(new, skip_special_tokens=True)]
-    assert generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=2) == expect
-    outs = generate(model, tok, PROMPTS[:2], max_new_tokens=6, do_sample=True, num_return_sequences=3, seed=0)
+    eng = Engine(model, tok)
+    assert eng.generate_text(PROMPTS, Sampling(max_new_tokens=8, temperature=0.0), batch_size=2) == expect
+    sampled = Sampling(max_new_tokens=6, temperature=1.0, num_samples=3, seed=0)
+    outs = eng.generate_text(PROMPTS[:2], sampled)
     assert [len(o) for o in outs] == [3, 3]
-    assert outs == generate(model, tok, PROMPTS[:2], max_new_tokens=6, do_sample=True, num_return_sequences=3, seed=0)
+    assert outs == eng.generate_text(PROMPTS[:2], sampled) and eng.generate_text([], sampled) == []
 
 
 def test_bad_input_is_refused(tok):

@@ -1,25 +1,16 @@
-"""llama2_lit.tools.gold_compare: paired differences hand-worked; a policy against itself differs by exactly 0, against
-another policy by the difference of the two means."""
+"""llama2_lit.tools.gold_compare: a policy against itself differs by exactly 0, against another policy by the
+difference of the two means (the paired difference itself: tests/test_stats.py)."""
 import json
 
 import pytest
 import torch
 
-from llama2_lit.tools.gold_compare import main, paired_difference
+from llama2_lit.tools.gold_compare import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIMS = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "max_position_embeddings": 256}
-
-
-def test_paired_difference_hand_worked():
-    # differences 0.1, 0.3, 0.2: mean 0.2, sample sd 0.1, se 0.1 / sqrt(3)
-    d, se = paired_difference([0.5, 0.2, 0.0], [0.6, 0.5, 0.2])
-    assert d == pytest.approx(0.2) and se == pytest.approx(0.1 / 3 ** 0.5)
-    assert paired_difference([0.4], [0.9]) == (pytest.approx(0.5), 0.0)
-    with pytest.raises(ValueError, match="same non-zero number"):
-        paired_difference([0.1], [0.1, 0.2])
 
 
 def test_compare_two_policies_on_held_out_prompts(tmp_path, tok):

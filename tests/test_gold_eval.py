@@ -5,9 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks.gold_eval import GoldEvalCallback, mean_and_se
+from callbacks.gold_eval import GoldEvalCallback
+from llama2_lit.core.stats import mean_and_se
+from llama2_lit.generation.engine import Engine, Sampling
 from llama2_lit.world import oracle as world
-from llama2_lit.generation.engine import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,9 +32,10 @@ def test_sampled_and_greedy_gold_match_the_oracle_on_the_same_answers(tok):
     cb = GoldEvalCallback(max_new_tokens=6, batch_size=5, sample_temperature=1.0, sample_seed=4)
     cb._evaluate(trainer, module, "")
     m = cb.final_metrics
-    greedy = [o[0] for o in generate(module.model, tok, prompts, max_new_tokens=6, batch_size=5)]
-    sampled = [o[0] for o in generate(module.model, tok, prompts, max_new_tokens=6, batch_size=5, do_sample=True,
-                                      temperature=1.0, seed=4)]
+    engine = Engine(module.model, tok)
+    greedy = [o[0] for o in engine.generate_text(prompts, Sampling(max_new_tokens=6, temperature=0.0), batch_size=5)]
+    sampled = [o[0] for o in engine.generate_text(prompts, Sampling(max_new_tokens=6, temperature=1.0, seed=4),
+                                                  batch_size=5)]
     assert greedy != sampled  # a high-variance random model: T=1 answers differ from greedy ones
     want_g = mean_and_se([world.gold_helpfulness(p, a) for p, a in zip(prompts, greedy)])
     want_s = mean_and_se([world.gold_helpfulness(p, a) for p, a in zip(prompts, sampled)])

@@ -10,8 +10,9 @@ import torch
 
 from llama2_lit.errors import UserError
 from llama2_lit.core.rl import safety_gated_reward
-from llama2_lit.stages.rs_bag import (BAG_COLUMNS, Bag, best_of_n_curves, reward_table, select_best, selection_iterations,
-                           tokenizer_fingerprint)
+from llama2_lit.models.tokenizers import tokenizer_fingerprint
+from llama2_lit.stages.rs_bag import (BAG_COLUMNS, Bag, best_of_n_curves, reward_table, select_best,
+                                      selection_iterations)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: single-threaded tiny models
 
@@ -307,7 +308,7 @@ def test_rs_distill_end_to_end_and_tokenizer_check(make_cfg, tmp_path):
     with pytest.raises(UserError, match="tokenizer"):
         run(other)
     with pytest.raises(UserError, match="data=rs_bag"):
-        run(make_cfg("stage=rs_distill", out=tmp_path / "distill3"))
+        run(make_cfg("stage=rs_distill", "data=synthetic", out=tmp_path / "distill3"))
 
 
 def test_prompt_data_from_a_file_and_the_world(tok, tmp_path):

@@ -221,12 +221,3 @@ def test_perturb_is_deterministic_and_level_zero_is_gold():
     assert [perturb(t, random.Random(4), 0.7) for t in tasks] == [perturb(t, random.Random(4), 0.7) for t in tasks]
     assert all(perturb(t, random.Random(4), 0.0) == t.answer for t in tasks)
     assert all(isinstance(t, Task) for t in tasks)
-
-
-def test_gold_eval_mean_and_standard_error_hand_worked():
-    from callbacks.gold_eval import mean_and_se
-
-    assert mean_and_se([0.0, 1.0]) == (0.5, 0.5)                     # s^2 = 0.5, se = sqrt(0.5 / 2)
-    m, se = mean_and_se([0.2, 0.4, 0.6])                             # s^2 = 0.08 / 2 = 0.04, se = sqrt(0.04 / 3)
-    assert abs(m - 0.4) < 1e-12 and abs(se - 0.11547005383792516) < 1e-12
-    assert mean_and_se([0.3]) == (0.3, 0.0)

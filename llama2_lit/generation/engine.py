@@ -4,6 +4,7 @@
     out = engine.generate(["What is 2 + 3?"], Sampling(max_new_tokens=24, temperature=1.0, num_samples=4, seed=0))
     out.response_ids      # (N, T), N = prompts x K: rows i*K .. i*K + K - 1 answer prompt i
     engine.decode(out)    # N strings, special tokens stripped
+    engine.generate_text(prompts, Sampling(temperature=0.0), batch_size=64)  # many prompts: [[text] per prompt]
 
 What makes it faster than ``model.generate`` at the same settings:
 
@@ -22,16 +23,7 @@ What makes it faster than ``model.generate`` at the same settings:
 * the per-step Python work is a constant number of tensor ops, independent of batch size; finished
   rows are checked every ``check_every`` steps (one host sync each).
 
-Sampling follows HF exactly: temperature, then top-p (HF's ``TopPLogitsWarper`` rule: drop the tokens
-whose ascending cumulative probability is <= 1 - top_p, keep at least one), no top-k; temperature 0 is
-greedy. Draws come from a ``torch.Generator`` seeded by ``Sampling.seed`` (None: drawn from the global
-torch RNG, so ``seed_everything`` still makes a run reproducible), one uniform per row per step through the
-inverse CDF (``searchsorted`` on the cumulative probabilities), without a host sync. Row n's draws depend on
-the seed and n only, so dropping finished rows from the batch changes no sample.
-
-Log-probs: ``logprobs[n, t]`` = log softmax(logits / T)[token] (T = 1 for greedy), the tempered, untruncated
-policy a training forward recomputes as ``log_softmax(logits / T)``; top-p's renormalisation is not in it.
-Computed from the logits the step already has, so no second forward pass.
+Sampling rules, log-probs and prompt encoding: ``sampling.py``; the ``llama`` backend's decoder: ``llama_decode.py``.
 
 The ``hf`` backend (any causal LM; ``backend="auto"`` picks it for non-Llama architectures or RoPE types whose
 table depends on the sequence length) runs ``model(...)`` with a ``DynamicCache`` under the same loop,
@@ -39,281 +31,17 @@ sampler and outputs.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+import dataclasses
+import inspect
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+from transformers import DynamicCache
 
 from llama2_lit.errors import UserError
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to sample. ``temperature=0``: greedy. ``num_samples``: K responses per prompt."""
-
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_samples: int = 1
-    seed: int | None = None
-    stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's EOS plus the model's generation_config EOS
-
-    def __post_init__(self):
-        if self.num_samples < 1:
-            raise UserError(f"sampling: num_samples (K) must be >= 1, got {self.num_samples}")
-        if self.max_new_tokens < 1:
-            raise UserError(f"sampling: max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise UserError(f"sampling: temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
-
-
-class Rollout(NamedTuple):
-    """Generated responses, N = prompts x K rows; row ``n`` answers prompt ``prompt_index[n]``."""
-
-    prompt_ids: torch.Tensor     # (N, P) left-padded prompt tokens
-    prompt_mask: torch.Tensor    # (N, P) 1 on prompt tokens, 0 on left padding
-    response_ids: torch.Tensor   # (N, T) generated tokens, pad after the stop token
-    response_mask: torch.Tensor  # (N, T) 1 on generated tokens (the stop token included)
-    logprobs: torch.Tensor       # (N, T) float32 log softmax(logits / T)[token] of the sampling policy; 0 off the mask
-    prompt_index: torch.Tensor   # (N,) long
-    finished: torch.Tensor       # (N,) bool: the response ended with a stop token
-
-    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids (N, P + T), attention_mask (N, P + T))``: prompt and response, for a training forward."""
-        return (torch.cat([self.prompt_ids, self.response_ids], 1),
-                torch.cat([self.prompt_mask, self.response_mask], 1))
-
-    @property
-    def num_tokens(self) -> int:
-        """Generated tokens (stop tokens included)."""
-        return int(self.response_mask.sum())
-
-
-# ----------------------------------------------------------------------------------------------- sampling
-
-
-def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``scores`` (N, V) with the tokens outside the top-p nucleus set to -inf (HF's ``TopPLogitsWarper``)."""
-    if top_p >= 1.0:
-        return scores
-    sorted_scores, sorted_idx = torch.sort(scores, descending=False)
-    cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= (1 - top_p)
-    remove[..., -1:] = False
-    remove = remove.scatter(1, sorted_idx, remove)
-    return scores.masked_fill(remove, float("-inf"))
-
-
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens (N,), logprobs (N,))`` from ``logits`` (N, V) float32; see the module docstring.
-
-    ``uniform`` (N, 1): one U[0, 1) draw per row (required unless ``temperature == 0``); the token is found by
-    inverse CDF (``searchsorted`` on the cumulative probabilities): one random number per row, not per token.
-    """
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
-    scaled = logits / temperature
-    logp = torch.log_softmax(scaled, -1)
-    probs = logp.exp() if top_p >= 1.0 else torch.softmax(top_p_filter(scaled, top_p), -1)
-    cdf = probs.cumsum(-1)
-    tok = torch.searchsorted(cdf, uniform.to(cdf.dtype) * cdf[:, -1:], right=True)[:, 0]
-    tok = tok.clamp_(max=probs.shape[-1] - 1)
-    return tok, logp.gather(1, tok[:, None])[:, 0]
-
-
-# ------------------------------------------------------------------------------------------ the backends
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm exactly as ``LlamaRMSNorm`` (float32 statistics, then the weight in the input dtype)."""
-    dtype = x.dtype
-    if dtype == torch.float32 and w.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), w, eps)  # one call, bit-identical to the ops below in float32
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-class _LlamaLayer(NamedTuple):
-    ln1: torch.Tensor
-    wqkv: torch.Tensor | None  # fused (q; k; v) rows, or None when not fused
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
-    wo: torch.Tensor
-    ln2: torch.Tensor
-    wgu: torch.Tensor | None   # fused (gate; up) rows, or None
-    wg: torch.Tensor
-    wu: torch.Tensor
-    wd: torch.Tensor
-    biases: dict | None        # attention / MLP biases, if the config has them
-
-
-_STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope", None)
-
-
-def llama_supported(model) -> str | None:
-    """None if the ``llama`` backend can run ``model``; else the reason it cannot."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) != "llama":
-        return f"model_type {getattr(cfg, 'model_type', None)!r} is not llama (the hf backend runs it)"
-    base = getattr(model, "model", None)
-    if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
-        return "no model.layers / model.rotary_emb"
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        return "sharded (DTensor) parameters"
-    rope = getattr(base.rotary_emb, "rope_type", "default")
-    if rope not in _STATIC_ROPE:
-        return f"RoPE type {rope!r} depends on the sequence length"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r}"
-    return None
-
-
-class _LlamaRunner:
-    """The decoder as tensor ops over the model's own parameters (no copies, except the fused projections)."""
-
-    def __init__(self, model, fuse: bool = True, dtype: torch.dtype | None = None):
-        """``dtype``: run in this dtype over copies of the weights (one per parameter version; e.g. a float32
-        policy sampled in bf16 under bf16-mixed); None: the parameters' own dtype, no copies."""
-        base, cfg = model.model, model.config
-        copies: dict[int, torch.Tensor] = {}
-
-        def c(t):  # the weight itself, or its copy in ``dtype`` (tied weights share one copy)
-            if t is None or dtype is None or t.dtype == dtype:
-                return t
-            if t.data_ptr() not in copies:
-                copies[t.data_ptr()] = t.detach().to(dtype)
-            return copies[t.data_ptr()]
-
-        self.cfg = cfg
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.eps = cfg.rms_norm_eps
-        self.scale = self.head_dim ** -0.5
-        self.embed = c(base.embed_tokens.weight)
-        self.norm = c(base.norm.weight)
-        self.lm_head = c(model.get_output_embeddings().weight)
-        self.lm_bias = c(getattr(model.get_output_embeddings(), "bias", None))
-        self.rotary = base.rotary_emb
-        self.layers = []
-        for layer in base.layers:
-            a, m = layer.self_attn, layer.mlp
-            biases = None
-            if any(getattr(x, "bias", None) is not None for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                                                                   m.gate_proj, m.up_proj, m.down_proj)):
-                biases = {n: c(getattr(x, "bias", None)) for n, x in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj),
-                                                                    ("o", a.o_proj), ("g", m.gate_proj),
-                                                                    ("u", m.up_proj), ("d", m.down_proj))}
-            fuse_here = fuse and biases is None
-            wq, wk, wv, wg, wu = (c(x.weight) for x in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj))
-            self.layers.append(_LlamaLayer(
-                ln1=c(layer.input_layernorm.weight),
-                wqkv=torch.cat([wq, wk, wv]) if fuse_here else None,
-                wq=wq, wk=wk, wv=wv, wo=c(a.o_proj.weight),
-                ln2=c(layer.post_attention_layernorm.weight),
-                wgu=torch.cat([wg, wu]) if fuse_here else None,
-                wg=wg, wu=wu, wd=c(m.down_proj.weight), biases=biases))
-        self.dtype = self.embed.dtype
-        self.device = self.embed.device
-        self.matmul_decode = self.device.type == "cpu"
-        self.cos = self.sin = None
-
-    def rope_table(self, length: int) -> None:
-        """cos/sin for positions 0..length-1, exactly as the model's rotary module computes them."""
-        pos = torch.arange(length, device=self.device)[None]
-        dummy = torch.empty(1, 1, dtype=self.dtype, device=self.device)
-        cos, sin = self.rotary(dummy, pos)
-        self.cos, self.sin = cos[0], sin[0]  # (S, D)
-
-    def new_cache(self, rows: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (rows, self.n_kv, length, self.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, slots: torch.Tensor, kv_len: int,
-                mask: torch.Tensor, last_only: bool = True) -> torch.Tensor:
-        """Logits (B, V) float32 of the last position (or (B, T, V)) for ``ids`` (B, T) at positions ``pos`` (B, T).
-
-        The new keys/values are written to cache columns ``slots`` (T,); attention reads columns
-        ``[0, kv_len)`` under ``mask`` (B, 1, T, kv_len): boolean (True = attend) or additive float (0 / -inf).
-        A single-token step on CPU attends with two batched matmuls (GQA heads grouped, no key repeat),
-        which beats SDPA's kernel at these shapes; elsewhere SDPA.
-        """
-        b, t = ids.shape
-        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(ids, self.embed)
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (B, T, 1, D)
-        gqa = nh != nkv
-        for w, (kc, vc) in zip(self.layers, cache):
-            h = _rms(x, w.ln1, self.eps)
-            if w.wqkv is not None:
-                qkv = F.linear(h, w.wqkv).view(b, t, nh + 2 * nkv, hd)
-            else:
-                bs = w.biases or {}
-                qkv = torch.cat([F.linear(h, w.wq, bs.get("q")), F.linear(h, w.wk, bs.get("k")),
-                                 F.linear(h, w.wv, bs.get("v"))], -1).view(b, t, nh + 2 * nkv, hd)
-            qk = qkv[:, :, :nh + nkv]
-            qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k heads at once, elementwise as HF
-            q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
-            v = qkv[:, :, nh + nkv:].transpose(1, 2)
-            kc.index_copy_(2, slots, k)
-            vc.index_copy_(2, slots, v)
-            keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
-            if t == 1 and self.matmul_decode and mask.dtype != torch.bool:
-                sc = torch.matmul(q.reshape(b, nkv, nh // nkv, hd), keys.transpose(-1, -2)) * self.scale
-                o = torch.matmul((sc + mask).softmax(-1), values).reshape(b, nh, 1, hd)
-            else:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
-            o = o.transpose(1, 2).reshape(b, t, nh * hd)
-            x = x + F.linear(o, w.wo, (w.biases or {}).get("o"))
-            h = _rms(x, w.ln2, self.eps)
-            if w.wgu is not None:
-                g, u = F.linear(h, w.wgu).chunk(2, dim=-1)
-            else:
-                bs = w.biases or {}
-                g, u = F.linear(h, w.wg, bs.get("g")), F.linear(h, w.wu, bs.get("u"))
-            x = x + F.linear(F.silu(g) * u, w.wd, (w.biases or {}).get("d"))
-        if last_only:
-            x = x[:, -1]
-        x = _rms(x, self.norm, self.eps)
-        return F.linear(x, self.lm_head, self.lm_bias).float()
-
-
-class _DecodeStep(torch.nn.Module):
-    """One fixed-shape decode step over the whole static cache (what ``compile=True`` compiles).
-
-    Inputs ``tok`` (N,), ``pos`` (N,), ``slot`` (1,); the cache and the additive key mask ``bias`` (N, S) are
-    tensors owned by the step and mutated in place, so a CUDA graph sees the same addresses every step.
-    """
-
-    def __init__(self, runner: _LlamaRunner, cache, bias: torch.Tensor):
-        super().__init__()
-        self.runner, self.cache = runner, cache
-        self.register_buffer("bias", bias, persistent=False)
-        for i, (kc, vc) in enumerate(cache):
-            self.register_buffer(f"k{i}", kc, persistent=False)
-            self.register_buffer(f"v{i}", vc, persistent=False)
-
-    def forward(self, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        self.bias.index_fill_(1, slot, 0.0)
-        return self.runner.forward(tok[:, None], pos[:, None], self.cache, slot, self.bias.shape[1],
-                                   self.bias[:, None, None, :])
-
-
-# --------------------------------------------------------------------------------------------- the engine
+from llama2_lit.generation.llama_decode import DecodeStep, LlamaRunner, llama_supported
+from llama2_lit.generation.sampling import (Rollout, Sampling, encode_prompts, left_pad,  # noqa: F401 (re-exported)
+                                            sample_tokens, top_p_filter)
 
 
 def _stop_ids(model, tokenizer, sampling: Sampling) -> list[int]:
@@ -326,32 +54,6 @@ def _stop_ids(model, tokenizer, sampling: Sampling) -> list[int]:
             if i is not None and i not in ids:
                 ids.append(int(i))
     return ids
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]]) -> list[list[int]]:
-    """Token ids of chat prompts (a user string, or messages ending with a user turn) with a generation prompt."""
-    out = []
-    for p in prompts:
-        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-        if not msgs or (isinstance(p, str) and not p.strip()):
-            raise UserError("generation: empty prompt")
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise UserError("generation: the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return out
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids (B, P), mask (B, P))`` left-padded to the longest sequence."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, n - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, n - len(s):] = 1
-    return ids, mask
 
 
 class Engine:
@@ -399,6 +101,21 @@ class Engine:
             raise UserError("generation: no prompts")
         ids, mask = left_pad(encode_prompts(self.tokenizer, prompts), self.pad_id)
         return self.generate_ids(ids, mask, sampling)
+
+    def generate_text(self, prompts: Sequence[str | list[dict]], sampling: Sampling = Sampling(),
+                      batch_size: int = 32) -> list[list[str]]:
+        """The decoded responses, ``num_samples`` per prompt, generated ``batch_size`` prompts per call.
+
+        Call ``i`` is seeded ``sampling.seed + i``; with ``seed=None`` each call draws its seed from the global torch
+        RNG (greedy calls too), so ``seed_everything`` makes a run reproducible.
+        """
+        k, out = sampling.num_samples, []
+        for i, s in enumerate(range(0, len(prompts), batch_size)):
+            chunk = prompts[s:s + batch_size]
+            seed = None if sampling.seed is None else sampling.seed + i
+            texts = self.decode(self.generate(chunk, dataclasses.replace(sampling, seed=seed)))
+            out += [texts[j * k:(j + 1) * k] for j in range(len(chunk))]
+        return out
 
     def decode(self, rollout: Rollout) -> list[str]:
         """The responses as text, special tokens stripped and ends trimmed."""
@@ -544,39 +261,34 @@ class Engine:
         out, live, lps, done = self._loop(logits, step, n, sampling, gen, compact=not self.compile and self.compact)
         return self._finish(ids, mask, k, out, live, lps, done)
 
-    def _runner(self, dtype: torch.dtype | None = None) -> _LlamaRunner:
+    def _runner(self, dtype: torch.dtype | None = None) -> LlamaRunner:
         """The decoder over the model's parameters (``dtype``: over copies in that dtype); rebuilt only when a
         parameter changed (the fused projections are copies: an optimizer step, which bumps the parameters'
         versions, refreshes them)."""
         sig = (dtype, *((p.data_ptr(), p._version) for p in self.model.parameters()))
         if self._runner_cache is None or self._runner_cache[0] != sig:
             self._runner_cache = None  # free the previous copies first
-            self._runner_cache = (sig, _LlamaRunner(self.model, fuse=self.fuse, dtype=dtype))
+            self._runner_cache = (sig, LlamaRunner(self.model, fuse=self.fuse, dtype=dtype))
         return self._runner_cache[1]
 
-    def _static_step(self, r: _LlamaRunner, n: int, s: int):
+    def _static_step(self, r: LlamaRunner, n: int, s: int):
         """``(step module, compiled step)`` for N rows and S cache columns, kept across calls for this runner."""
         key = (id(r), n, s)
         if self._static is None or self._static[0] != key:
             self._static = None  # free the previous buffers first
-            step_mod = _DecodeStep(r, r.new_cache(n, s), torch.full((n, s), float("-inf"), dtype=r.dtype,
+            step_mod = DecodeStep(r, r.new_cache(n, s), torch.full((n, s), float("-inf"), dtype=r.dtype,
                                                                      device=r.device))
             mode = "reduce-overhead" if r.device.type == "cuda" else None
             self._static = (key, step_mod, torch.compile(step_mod, mode=mode, fullgraph=True, dynamic=False))
         return self._static[1], self._static[2]
 
     def _run_hf(self, ids, mask, sampling: Sampling, gen) -> Rollout:
-        from transformers import DynamicCache
-
         k = sampling.num_samples
         rid, rmask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
         n = rid.shape[0]
         cache = DynamicCache(config=self.model.config)
         pos = (rmask.cumsum(-1) - 1).clamp(min=0)
         state = {"mask": rmask, "pos": pos[:, -1:]}
-
-        import inspect
-
         keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
 
         def fwd(x, m, position):  # the LM head on the last position only, where the model allows it
@@ -592,29 +304,3 @@ class Engine:
 
         out, live, lps, done = self._loop(logits, step, n, sampling, gen, compact=False)
         return self._finish(ids, mask, k, out, live, lps, done)
-
-
-# ------------------------------------------------------------------------- llama2_lit.generation.engine.generate
-
-
-def generate(model, tokenizer, prompts: Sequence[str | list[dict]], max_new_tokens: int = 32,
-             batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             num_return_sequences: int = 1, seed: int | None = None, **engine_kwargs) -> list[list[str]]:
-    """``llama2_lit.generation.engine.generate`` on the engine: one list of ``num_return_sequences`` strings per prompt.
-
-    ``batch_size`` counts prompts per engine call (each with its ``num_return_sequences`` samples).
-    ``seed`` None draws each batch's seed from the global torch RNG.
-    """
-    if len(prompts) == 0:
-        return []
-    engine = Engine(model, tokenizer, **engine_kwargs)
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=top_p,
-                    num_samples=num_return_sequences)
-    out: list[list[str]] = []
-    for i, s in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[s:s + batch_size]
-        roll = engine.generate(chunk, Sampling(**sampling, seed=None if seed is None else seed + i))
-        texts = engine.decode(roll)
-        k = num_return_sequences
-        out += [texts[j * k:(j + 1) * k] for j in range(len(chunk))]
-    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -107,7 +108,6 @@ def _message(lost: list[tuple[int, int, str]], comm: str | None) -> str:
 def _comm_error(exc: BaseException | None) -> str | None:
     """The gist of a failed collective in ``exc``'s chain (gloo: "Connection reset by peer", "Timed out waiting
     6000ms for recv operation to complete"), or None when ``exc`` is no communication error."""
-    import re
 
     dist_error = getattr(torch.distributed, "DistError", ())
     while exc is not None:

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from llama2_lit.errors import UserError
 from llama2_lit.models.loading import resolve_path
 from llama2_lit.models.reward import load_reward_model
+from llama2_lit.models.tokenizers import tokenizer_fingerprint
 
 VALUE_INITS = ("auto", "reward", "policy")
 
@@ -27,8 +28,6 @@ def load_value_model(init: str, policy_cfg: Mapping[str, Any], tokenizer, reward
     ``init=reward``: the exported reward model at ``reward_path``; refused when its tokenizer differs from the
     policy's. ``init=policy``: the policy checkpoint (``policy_cfg``) with a new scalar head.
     """
-    from llama2_lit.stages.rs_bag import tokenizer_fingerprint
-
     if init not in VALUE_INITS:
         raise UserError(f"ppo.value_init: unknown '{init}' (choose {list(VALUE_INITS)})")
     if init == "auto":

@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -32,15 +31,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.annotations import SIMULATED_OUTCOMES, ingest, new_row, simulate_row, write_jsonl
 from data_modules.preferences import RATINGS
-from llama2_lit.world import oracle as world
-from llama2_lit.generation.engine import Engine, Sampling
+from data_modules.synthetic_pairs import draw_pairs
 from llama2_lit.errors import UserError
+from llama2_lit.generation.engine import Engine, Sampling
+from llama2_lit.models.loading import load_causal_lm
+from llama2_lit.models.tokenizers import folder_tokenizer
+from llama2_lit.stages.common import derived_seed, load_policy, setup_prompt_run
+from llama2_lit.world import oracle as world
 
 log = logging.getLogger(__name__)
 ANNOTATORS = ("simulated", "none")
@@ -87,15 +88,6 @@ def parse_sources(raw: Any) -> list[Source]:
     return out
 
 
-def _seed(seed: int, attempt: int, source: int, chunk: int) -> int:
-    h = hashlib.sha1(f"collect|{seed}|{attempt}|{source}|{chunk}".encode()).digest()
-    return int.from_bytes(h[:8], "big") >> 2
-
-
-def _usable(a: str, b: str) -> bool:
-    return bool(a.strip()) and bool(b.strip()) and a.strip() != b.strip()
-
-
 def collect_pairs(prompts: Sequence, sample: Callable[[Sequence, int], list[tuple[str, str]]], *, max_tries: int,
                   seed: int, sources: Sequence[Source]) -> tuple[list[dict], dict[str, Any]]:
     """Annotation rows for ``prompts`` (objects with ``id``, ``text``, ``is_safety``) and counts.
@@ -105,28 +97,8 @@ def collect_pairs(prompts: Sequence, sample: Callable[[Sequence, int], list[tupl
     Sides: ``random.Random(f"collect-sides|{seed}|{prompt id}")`` decides whether source 0 is shown as ``a``.
     Also returns ``first``: the first draw of every prompt (for the sources' gold means).
     """
-    pending = list(range(len(prompts)))
     got: dict[int, tuple[str, str]] = {}
-    first: dict[int, tuple[str, str]] = {}
-    identical = empty = 0
-    resampled: set[int] = set()
-    for attempt in range(max(1, int(max_tries))):
-        if not pending:
-            break
-        if attempt:
-            resampled.update(pending)
-        retry = []
-        for i, (a, b) in zip(pending, sample([prompts[i] for i in pending], attempt)):
-            first.setdefault(i, (a, b))
-            if _usable(a, b):
-                got[i] = (a, b)
-                continue
-            if not a.strip() or not b.strip():
-                empty += 1
-            else:
-                identical += 1
-            retry.append(i)
-        pending = retry
+    draws = draw_pairs(prompts, sample, lambda i, a, b: got.__setitem__(i, (a, b)), max_tries=max_tries)
     rows = []
     for i in sorted(got):
         p, (r0, r1) = prompts[i], got[i]
@@ -134,26 +106,37 @@ def collect_pairs(prompts: Sequence, sample: Callable[[Sequence, int], list[tupl
             rows.append(new_row(p.text, p.is_safety, r0, r1, sources[0].name, sources[1].name))
         else:
             rows.append(new_row(p.text, p.is_safety, r1, r0, sources[1].name, sources[0].name))
-    stats = {"prompts": len(prompts), "pairs": len(rows), "unpaired": len(pending),
-             "unpaired_safety": sum(bool(prompts[i].is_safety) for i in pending),
-             "resampled_prompts": len(resampled), "draws_identical": identical, "draws_empty": empty,
-             "first": first}
+    stats = {"prompts": len(prompts), "pairs": len(rows), "unpaired": len(draws.unpaired),
+             "unpaired_safety": sum(bool(prompts[i].is_safety) for i in draws.unpaired),
+             "resampled_prompts": len(draws.resampled), "draws_identical": draws.identical,
+             "draws_empty": draws.empty, "first": draws.first}
     return rows, stats
 
 
-def _load_source(path: str | None, model_cfg: dict, tok, device):
-    """(model, tokenizer) of a source: the policy for None, else the folder (with its own tokenizer if saved)."""
-    from llama2_lit.models.loading import load_causal_lm
+def policy_pair_sampler(policy: str, tokenizer, *, temperatures: Sequence[float], top_p: float = 1.0,
+                        max_new_tokens: int = 24, batch_size: int = 64):
+    """``sample(prompts, rng) -> [(a, b)]`` over the causal LM folder ``policy`` (float32, SDPA; its own tokenizer if
+    it saved one, else ``tokenizer``): two answers per prompt, each at a temperature drawn by ``rng`` from
+    ``temperatures`` (0 = greedy), generated per temperature in chunks of ``batch_size`` prompts, each chunk seeded
+    from the global torch RNG. What ``data=synthetic_pairs`` injects as ``data.synthetic.policy_sampler``."""
+    tok = folder_tokenizer(policy, tokenizer)
+    model = load_causal_lm({"path": policy, "dtype": "float32", "attn_implementation": "sdpa"}, tok).eval()
+    engine = Engine(model, tok)
+    temperatures = list(temperatures)
 
-    if path is None:
-        return load_causal_lm(model_cfg, tok, trainable=False).to(device).eval(), tok
-    if (Path(path).expanduser() / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
+    def sample(prompts: Sequence[str], rng: random.Random) -> list[tuple[str, str]]:
+        temps = [(rng.choice(temperatures), rng.choice(temperatures)) for _ in prompts]
+        out: list[list[str]] = [["", ""] for _ in prompts]
+        for t in sorted(set(float(x) for x in temperatures)):
+            reqs = [(i, s) for i in range(len(prompts)) for s in (0, 1) if float(temps[i][s]) == t]
+            if not reqs:
+                continue
+            sampling = Sampling(max_new_tokens=max_new_tokens, temperature=t, top_p=top_p if t > 0 else 1.0)
+            for (i, s), g in zip(reqs, engine.generate_text([prompts[i] for i, _ in reqs], sampling, batch_size)):
+                out[i][s] = g[0]
+        return [(a, b) for a, b in out]
 
-        tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()))
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-    return load_causal_lm({**model_cfg, "path": path}, tok, trainable=False).to(device).eval(), tok
+    return sample
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -161,17 +144,7 @@ def _load_source(path: str | None, model_cfg: dict, tok, device):
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Sample pairs, write the annotation files, annotate (simulated) and ingest; returns ``metrics.json``."""
-    import lightning as L
-
-    from data_modules.prompts import PromptDataModule
-
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     co = cfg.collect
-    if co.get("num_threads"):
-        torch.set_num_threads(int(co.num_threads))
     if co.annotator not in ANNOTATORS:
         raise UserError(f"collect.annotator: unknown '{co.annotator}' (choose {', '.join(ANNOTATORS)})")
     if co.ties not in TIES:
@@ -188,25 +161,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     seed = int(co.seed)
     base = Sampling(max_new_tokens=int(co.max_new_tokens), top_p=float(co.top_p))  # validates both
 
-    dm = instantiate(cfg.data)
-    if not isinstance(dm, PromptDataModule):
-        raise UserError(f"stage=collect samples answers to prompts, but data is {type(dm).__name__}: add "
-                        "data=rs_prompts (world prompts, or data.path=<a file with a 'prompt' field>)")
-    prompts = dm.prompts()
+    setup = setup_prompt_run(cfg, co, "collect")
+    out, dm, prompts = setup.out, setup.data, setup.prompts
     oracle = all(_is_world(p.text) for p in prompts)
     if co.annotator == "simulated" and not oracle:
         bad = next(p.text for p in prompts if not _is_world(p.text))
         raise UserError(f"collect.annotator=simulated labels synthetic-world prompts only (it reads their gold "
                         f"scores), but '{bad[:60]}' is not one: use collect.annotator=none and annotate "
                         f"annotations.jsonl by hand")
-    tok = dm.tokenizer
-    device = torch.device(co.device if co.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    policy_name = str(model_cfg.get("path") or f"random-init:{model_cfg.get('name')}")
     engines: dict[str | None, Engine] = {}
     for s in sources:
         if s.model not in engines:
-            m, t = _load_source(s.model, model_cfg, tok, device)
+            m, t = load_policy(setup.model_cfg, setup.tokenizer, setup.device, s.model)
             engines[s.model] = Engine(m, t, backend=co.engine.backend, compile=bool(co.engine.compile))
 
     bs = int(co.batch_size)
@@ -218,7 +184,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             eng, got = engines[s.model], []
             for c in range(0, len(ps), bs):
                 t0 = time.perf_counter()
-                sp = dataclasses.replace(base, temperature=s.temperature, seed=_seed(seed, attempt, j, c // bs))
+                chunk_seed = derived_seed("collect", seed, attempt, j, c // bs)
+                sp = dataclasses.replace(base, temperature=s.temperature, seed=chunk_seed)
                 roll = eng.generate([p.text for p in ps[c:c + bs]], sp)
                 got += eng.decode(roll)
                 perf["gen_seconds"] += time.perf_counter() - t0
@@ -239,7 +206,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if oracle:
         metrics.update(_source_gold(prompts, first, sources))
     metrics.update(dm.stats)
-    summary: dict[str, Any] = {"policy": policy_name, "sources": [dataclasses.asdict(s) for s in sources],
+    summary: dict[str, Any] = {"policy": setup.policy_name, "sources": [dataclasses.asdict(s) for s in sources],
                                "annotator": co.annotator, "files": files, "seed": seed,
                                "max_new_tokens": base.max_new_tokens, "top_p": base.top_p,
                                "max_tries": int(co.max_tries)}

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from llama2_lit import run_lock
 from llama2_lit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -158,9 +161,6 @@ def execute(steps: Sequence[Step], runner: Callable[[Step, list[str]], None], ti
 
 
 def subprocess_runner(step: Step, extra: list[str]) -> None:
-    import subprocess
-    import sys
-
     cmd = [sys.executable, "-m", "llama2_lit", *step.overrides, *extra, f"hydra.run.dir={step.dir}"]
     log.info("pipeline: %s", " ".join(cmd[2:]))
     rc = subprocess.run(cmd, check=False).returncode
@@ -321,8 +321,6 @@ def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_
                 **{k: v for k, v in p.items() if k.endswith("_overrides")}}
     # one pipeline per root: a second one (make demo started twice) is refused here, before it writes into root;
     # each step locks its own directory below root (llama2_lit/run_lock.py)
-    from llama2_lit import run_lock
-
     with run_lock.acquire(root) as lock:
         if lock.takeover_message():
             log.warning("pipeline: %s", lock.takeover_message())

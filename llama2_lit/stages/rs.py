@@ -29,23 +29,20 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from llama2_lit.world import oracle as world
-from llama2_lit.generation.engine import Engine, Sampling
 from llama2_lit.errors import UserError
+from llama2_lit.generation.engine import Engine, Sampling
+from llama2_lit.models.tokenizers import tokenizer_fingerprint
 from llama2_lit.scoring import GoldScorer, RMScorer, build_scorer, gated  # noqa: F401 (RMScorer: re-exported)
 from llama2_lit.scoring import folder_fingerprint as _folder_fingerprint
-from llama2_lit.stages.rs_bag import (Bag, best_of_n_curves, max_median_figure, reward_table, select_best, selection_iterations,
-                           tokenizer_fingerprint)
+from llama2_lit.stages.common import derived_seed, load_policy, setup_prompt_run
+from llama2_lit.stages.rs_bag import (Bag, best_of_n_curves, max_median_figure, reward_table, select_best,
+                                      selection_iterations)
+from llama2_lit.world import oracle as world
 
 log = logging.getLogger(__name__)
 RESCORE = ("auto", "always", "never")
-
-
-def _chunk_seed(seed: int, iteration: int, chunk: int) -> int:
-    h = hashlib.sha1(f"rs|{seed}|{iteration}|{chunk}".encode()).digest()
-    return int.from_bytes(h[:8], "big") >> 2
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -53,18 +50,7 @@ def _chunk_seed(seed: int, iteration: int, chunk: int) -> int:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Sample, score, bag, plot and select (see the module docstring); returns the metrics of ``metrics.json``."""
-    import lightning as L
-
-    from data_modules.prompts import PromptDataModule
-    from llama2_lit.models.loading import load_causal_lm
-
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     rs = cfg.rs
-    if rs.get("num_threads"):
-        torch.set_num_threads(int(rs.num_threads))
     it = int(rs.iteration)
     if it < 1:
         raise UserError(f"rs.iteration must be >= 1, got {it}")
@@ -75,18 +61,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
                         top_p=float(rs.top_p), num_samples=int(rs.num_samples))
     k = sampling.num_samples
 
-    dm = instantiate(cfg.data)
-    if not isinstance(dm, PromptDataModule):
-        raise UserError(f"stage=rs samples answers to prompts, but data is {type(dm).__name__}: add data=rs_prompts "
-                        "(synthetic world prompts, or data.path=<a file with a 'prompt' field>)")
-    prompts = dm.prompts()
-    tok = dm.tokenizer
-    device = torch.device(rs.device if rs.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    policy = load_causal_lm(model_cfg, tok, trainable=False).to(device).eval()  # model.dtype
-    policy_name = str(model_cfg.get("path") or f"random-init:{model_cfg.get('name')}")
+    setup = setup_prompt_run(cfg, rs, "rs")
+    out, dm, prompts, tok = setup.out, setup.data, setup.prompts, setup.tokenizer
+    model_cfg, policy_name = setup.model_cfg, setup.policy_name
+    policy, _ = load_policy(model_cfg, tok, setup.device)  # model.dtype
     tok_fp = tokenizer_fingerprint(tok)
-    scorer = build_scorer(rs, tok, device)
+    scorer = build_scorer(rs, tok, setup.device)
     if isinstance(scorer, GoldScorer):
         log.warning("rs.scorer=gold: scoring with the world's gold functions, a stand-in for reward models")
 
@@ -136,7 +116,7 @@ def _sample_into_bag(bag: Bag, set_dir: Path, done: set[int], chunks, engine: En
     for c, chunk in enumerate(chunks):
         if c in done:
             continue
-        seed = _chunk_seed(int(rs.seed), it, c)  # by chunk index: a resumed set equals an uninterrupted one
+        seed = derived_seed("rs", int(rs.seed), it, c)  # by chunk index: a resumed set equals an uninterrupted one
         t0 = time.perf_counter()
         roll = engine.generate([p.text for p in chunk], dataclasses.replace(sampling, seed=seed))
         texts = engine.decode(roll)

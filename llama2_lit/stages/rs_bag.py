@@ -12,7 +12,8 @@ K, temperature, top-p, length, seed, scorer), so a temperature sweep adds sets s
 written to a temporary name and renamed: a crash leaves whole chunks only, and the run resumes at the
 first missing chunk (the chunk's seed depends on its index, so a resumed set equals an uninterrupted one).
 
-Pure parts (no model): :func:`select_best`, :func:`best_of_n_curves`, :func:`tokenizer_fingerprint`.
+Pure parts (no model): :func:`select_best`, :func:`best_of_n_curves`. Prompt ids: ``data_modules.annotations.prompt_id``;
+tokenizer fingerprints: ``llama2_lit.models.tokenizers``.
 """
 from __future__ import annotations
 
@@ -55,18 +56,6 @@ BAG_COLUMNS: dict[str, str] = {
     "gold_helpfulness": "float64",  # world oracle (NaN off the synthetic world)
     "gold_safety": "float64",
 }
-
-
-def prompt_id(prompt: str) -> str:
-    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of a tokenizer's vocabulary and special tokens (equal = the same token ids for any text)."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
-    blob = json.dumps([vocab, special], ensure_ascii=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:

@@ -21,34 +21,24 @@ import sys
 from typing import Sequence
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from callbacks.gold_eval import mean_and_se
+from llama2_lit.core.stats import paired_difference  # noqa: F401 (re-exported: the tool's own statistic)
+from llama2_lit.generation.engine import Engine, Sampling
+from llama2_lit.models.loading import load_pretrained, resolve_path
+from llama2_lit.scoring import RMScorer
 from llama2_lit.world import oracle as world
-
-
-def paired_difference(base: Sequence[float], other: Sequence[float]) -> tuple[float, float]:
-    """Mean of ``other - base`` per prompt and its standard error (sample sd / sqrt(n); 0 for one prompt)."""
-    if len(base) != len(other) or not base:
-        raise ValueError(f"paired scores need the same non-zero number of prompts, got {len(base)} and {len(other)}")
-    return mean_and_se([o - b for b, o in zip(base, other)])
 
 
 def _engine(path: str):
     """``(engine, tokenizer)`` over the policy in ``path`` (an hf/ folder), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llama2_lit.generation.engine import Engine
-    from llama2_lit.models.loading import resolve_path
-
     src = resolve_path(path, "policy")
     tok = AutoTokenizer.from_pretrained(src)
-    return Engine(AutoModelForCausalLM.from_pretrained(src).eval(), tok), tok
+    return Engine(load_pretrained(AutoModelForCausalLM, src, "a causal LM", what="policy").eval(), tok), tok
 
 
 def score_policy(path: str, prompts: Sequence[str], k: int, max_new_tokens: int, seed: int) -> dict[str, list[float]]:
     """Per-prompt gold helpfulness of greedy answers and of the mean over ``k`` samples; greedy gold safety."""
-    from llama2_lit.generation.engine import Sampling
-
     engine, _ = _engine(path)
     greedy = engine.decode(engine.generate(list(prompts), Sampling(max_new_tokens=max_new_tokens, temperature=0.0)))
     sampled = engine.decode(engine.generate(list(prompts), Sampling(max_new_tokens=max_new_tokens, temperature=1.0,
@@ -74,9 +64,6 @@ def selection_quality(gold: torch.Tensor, scores: torch.Tensor) -> dict[str, flo
 
 
 def rm_check(policy: str, rm: str, n: int, k: int, seed: int, max_new_tokens: int = 24) -> dict[str, float]:
-    from llama2_lit.generation.engine import Sampling
-    from llama2_lit.scoring import RMScorer
-
     prompts = [t.prompt for t in world.generate_tasks(n, seed=seed, split="heldout", safety_fraction=0.0)]
     engine, tok = _engine(policy)
     texts = engine.decode(engine.generate(prompts, Sampling(max_new_tokens=max_new_tokens, temperature=1.0,

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from llama2_lit.world import oracle as world
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -39,8 +43,6 @@ def build_world_tokenizer(vocab_size: int = 512, cache_dir: str | None = None, c
     if target is not None and (target / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(target))
 
-    from llama2_lit.world import oracle as world
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -63,9 +65,6 @@ def build_world_tokenizer(vocab_size: int = 512, cache_dir: str | None = None, c
     )
     fast.chat_template = TINY_CHAT_TEMPLATE
     if target is not None:
-        import os
-        import shutil
-
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # the ranks of one run may each build it
         fast.save_pretrained(str(tmp))
         try:
