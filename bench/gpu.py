@@ -392,6 +392,24 @@ class Bench:
         return fpt * tokens_per_s / self.peak
 
     # -- sft --------------------------------------------------------------------------------------------
+    def lightning_loop(self, build, batches, units_per_step: float, budget_s: float):
+        """Train the module ``build()`` makes (on the device, seed 0) over ``batches`` with a Lightning Trainer;
+        ``(units per second in the timed window, timed steps, peak GiB, FLOPs per token)``."""
+        s, dev = self.s, self.device
+        base = allocated(dev)
+        torch.manual_seed(0)
+        with torch.device(dev):
+            module = build()
+        fpt = flops_per_token(matmul_params(module.model), s, s.seq_len)
+        timer = window_timer(s.warmup, time.perf_counter() + budget_s, self.clock)
+        trainer = lightning_trainer(dev, self.precision, len(batches), [timer])
+        trainer.fit(module, train_dataloaders=loader(batches))
+        timer.finish()
+        out = (timer.steps * units_per_step / timer.seconds, timer.steps, peak_gib(dev, base), fpt)
+        del module, trainer, timer
+        release(dev)
+        return out
+
     def sft(self) -> dict:
         from llama2_lit.modules.sft import SFTModule
 
@@ -406,21 +424,10 @@ class Bench:
         half = (self.section_deadline - time.perf_counter()) / 2
 
         # the project's path: SFTModule (fp32 masters) under a Lightning Trainer with the requested precision
-        base = allocated(dev)
-        torch.manual_seed(0)
-        with torch.device(dev):
-            module = SFTModule(model_cfg(s, "float32"), tokenizer=tok, lr=2e-5, weight_decay=0.1)
-        fpt = flops_per_token(matmul_params(module.model), s, s.seq_len)
-        timer = window_timer(s.warmup, time.perf_counter() + half, self.clock)
-        trainer = lightning_trainer(dev, self.precision, n, [timer])
-        trainer.fit(module, train_dataloaders=loader(batches))
-        timer.finish()
-        light = timer.steps * tokens_per_step / timer.seconds
-        light_steps = timer.steps
-        light_peak = peak_gib(dev, base)
-        self.log(f"sft lightning: {light:,.0f} tokens/s over {timer.steps} steps")
-        del module, trainer, timer
-        release(dev)
+        light, light_steps, light_peak, fpt = self.lightning_loop(
+            lambda: SFTModule(model_cfg(s, "float32"), tokenizer=tok, lr=2e-5, weight_decay=0.1), batches,
+            tokens_per_step, half)
+        self.log(f"sft lightning: {light:,.0f} tokens/s over {light_steps} steps")
 
         # the plain baseline: the same LlamaForCausalLM, autocast, fp32 AdamW, same batches
         from transformers import LlamaForCausalLM
@@ -494,21 +501,10 @@ class Bench:
                             "rejected_attention_mask": ones.clone(), "margin": torch.zeros(s.rm_pairs)})
         half = (self.section_deadline - time.perf_counter()) / 2
 
-        base = allocated(dev)
-        torch.manual_seed(0)
-        with torch.device(dev):
-            module = RewardModule(model_cfg(s, "float32"), tokenizer=tok, lr=1e-5, warmup_steps=0, warmup_ratio=0.0)
-        fpt = flops_per_token(matmul_params(module.model), s, s.seq_len)
-        timer = window_timer(s.warmup, time.perf_counter() + half, self.clock)
-        trainer = lightning_trainer(dev, self.precision, n, [timer])
-        trainer.fit(module, train_dataloaders=loader(batches))
-        timer.finish()
-        light = timer.steps * s.rm_pairs / timer.seconds
-        light_steps = timer.steps
-        light_peak = peak_gib(dev, base)
-        self.log(f"rm lightning: {light:,.2f} pairs/s over {timer.steps} steps")
-        del module, trainer, timer
-        release(dev)
+        light, light_steps, light_peak, fpt = self.lightning_loop(
+            lambda: RewardModule(model_cfg(s, "float32"), tokenizer=tok, lr=1e-5, warmup_steps=0, warmup_ratio=0.0),
+            batches, s.rm_pairs, half)
+        self.log(f"rm lightning: {light:,.2f} pairs/s over {light_steps} steps")
 
         from transformers import LlamaForSequenceClassification
 

@@ -16,6 +16,7 @@ import pytest
 
 from llama2_lit.run_lock import LOCK_NAME, DirInUse, Holder, acquire
 from tests.conftest import ROOT, SMALL
+from tests.test_fsdp import TINY_BASE
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -163,19 +164,7 @@ def test_pipeline_takes_over_the_lock_of_a_killed_pipeline_and_its_steps_run(mak
 
 
 # -- a rank that dies or hangs mid-step ------------------------------------------------------------------------------
-TINY = [  # tests/test_fsdp.py's tiny 2-rank run, trained until stopped (checkpoints every step)
-    "logger=none",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.limit_val_batches=1",
-    "data.synthetic.num_train=120",
-    "data.synthetic.num_val=16",
-    "data.synthetic.num_eval=4",
-    "stage.seq_len=128",
-    "~callbacks.gold_eval",
-    "model.config.hidden_size=32",
-    "model.config.intermediate_size=64",
-    "model.config.num_hidden_layers=2",
+TINY = [*TINY_BASE,  # tests/test_fsdp.py's tiny 2-rank run, trained until stopped (checkpoints every step)
     "stage.max_epochs=1000",
     "callbacks.checkpoint.every_n_steps=1",
 ]

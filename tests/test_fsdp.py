@@ -17,7 +17,7 @@ import torch
 from tests.conftest import ROOT
 from tests.test_ppo import parts  # noqa: F401  (fixture: a tiny policy and two reward models as HF folders)
 
-TINY = [
+TINY_BASE = [  # a tiny 2-rank SFT run (tests/test_faults.py trains it until stopped)
     "logger=none",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
@@ -30,6 +30,9 @@ TINY = [
     "model.config.hidden_size=32",
     "model.config.intermediate_size=64",
     "model.config.num_hidden_layers=2",
+]
+TINY = [
+    *TINY_BASE,
     # 2 epochs of 3 steps: steps 1-3 compare with one process, steps 4-6 with the run resumed at step 3
     "trainer.max_steps=6",
     "trainer.limit_train_batches=3",
