@@ -32,7 +32,7 @@ TINY_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-_VERSION = 1
+_VERSION = 2  # 2: the constraint families joined the corpus
 
 
 def build_world_tokenizer(vocab_size: int = 512, cache_dir: str | None = None, corpus_size: int = 4000,
