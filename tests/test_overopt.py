@@ -82,9 +82,15 @@ def test_probe_end_to_end(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(overopt, "sample_and_score", spy)
     out = tmp_path / "out"
+    hist = tmp_path / "ppo_history.jsonl"
+    hist.write_text("".join(json.dumps({"ppo/iteration": i, "ppo/kl": 0.01 * i * i, "ppo/helpfulness_score": 0.5,
+                                        "ppo/gold_helpfulness": 0.3}) + "\n" for i in (1, 2)))
+    with pytest.raises(SystemExit):  # a missing PPO history is refused before any sampling
+        main([str(tmp_path / "p"), "--rm", str(tmp_path / "rm"), "--ppo", str(tmp_path / "nope.jsonl")])
     assert main([str(tmp_path / "p"), "--rm", str(tmp_path / "rm"), "--n", "4", "--prompts", "6",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--ppo", str(hist)]) == 0
     res = json.loads((out / "overopt.json").read_text())
+    assert res["ppo"]["iteration"] == [1, 2] and res["ppo"]["sqrt_kl"] == pytest.approx([0.1, 0.2])
     assert {"policy", "rm", "prompts", "n", "seed", "k", "kl_bon", "gold", "gold_se", "proxy", "proxy_se"} <= set(res)
     assert res["k"] == [1, 2, 4] and res["prompts"] == 6 and res["n"] == 4
     assert res["kl_bon"] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
@@ -96,3 +102,20 @@ def test_probe_end_to_end(tmp_path, tok, monkeypatch):
     assert all(b >= a - 1e-12 for a, b in zip(res["proxy"], res["proxy"][1:]))  # more by the proxy never lowers it
     assert all(0.0 <= x <= 1.0 for x in res["gold"] + res["proxy"])
     assert (out / "overopt.png").stat().st_size > 0
+
+
+def test_ppo_curve_from_history(tmp_path):
+    from llama2_lit.tools.overopt import ppo_curve
+
+    rows = [{"ppo/iteration": 1.0, "ppo/kl": 0.04, "ppo/helpfulness_score": 0.5, "ppo/gold_helpfulness": 0.3},
+            {"ppo/iteration": 2.0, "ppo/kl": -0.01, "ppo/helpfulness_score": 0.6, "ppo/gold_helpfulness": 0.35},
+            {"ppo/iteration": 3.0, "ppo/kl": 0.25, "ppo/helpfulness_score": 0.7}]  # not world prompts: no gold
+    f = tmp_path / "ppo_history.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = ppo_curve(f)
+    assert c["iteration"] == [1, 2] and c["kl"] == [0.04, -0.01]
+    assert c["sqrt_kl"] == pytest.approx([0.2, 0.0])  # an estimate below 0 (k1 estimator) counts as 0
+    assert c["proxy"] == [0.5, 0.6] and c["gold"] == [0.3, 0.35]
+    f.write_text(json.dumps(rows[2]) + "\n")
+    with pytest.raises(SystemExit, match="no iteration with ppo/gold_helpfulness"):
+        ppo_curve(f)

@@ -112,6 +112,11 @@ def test_ppo_end_to_end_writes_outputs(make_cfg, parts, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None
     assert (tmp_path / "value" / "config.json").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    # every iteration's scalars, with the gold of its rollouts (world prompts), for the over-optimisation probe
+    history = [json.loads(line) for line in (tmp_path / "ppo_history.jsonl").read_text().splitlines()]
+    assert [h["ppo/iteration"] for h in history] == [float(i) for i in range(1, int(saved["ppo/iteration"]) + 1)]
+    assert all(0.0 <= h["ppo/gold_helpfulness"] <= 1.0 and "ppo/kl" in h and "ppo/helpfulness_score" in h
+               for h in history)
 
 
 def test_nan_rewards_skip_then_stop(make_cfg, parts, monkeypatch):

@@ -27,6 +27,7 @@ the mean over the global mini-batch's tokens. A skip (non-finite rewards or loss
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -53,6 +54,15 @@ from llama2_lit.world import oracle as world
 log = logging.getLogger(__name__)
 WHITEN = ("batch", "running", "none")
 VALUE_CALLS = ("model", "score")  # token_values calls the critic's backbone and head directly: FSDP groups of their own
+
+
+def _rollout_gold(prompts: Sequence[str], texts: Sequence[str]) -> dict[str, float]:
+    """``ppo/gold_helpfulness``: the world's gold score of this iteration's rollouts (the true reward the proxy stands
+    for); empty when the prompts are not world prompts."""
+    try:
+        return {"ppo/gold_helpfulness": sum(world.gold_helpfulness(p, t) for p, t in zip(prompts, texts)) / len(texts)}
+    except ValueError:
+        return {}
 
 
 class PPOModule(L.LightningModule):
@@ -264,6 +274,7 @@ class PPOModule(L.LightningModule):
             return self._skip("non-finite loss")
         t_train = time.perf_counter() - t0
         self.bad_in_row = 0
+        stats.update(_rollout_gold(prompts, texts))
         self._log_ppo_iteration(roll, reward, exp, stats, {"time/generation_s": t_gen, "time/scoring_s": t_score,
                                                            "time/training_s": t_train})
 
@@ -499,8 +510,12 @@ class PPOModule(L.LightningModule):
 
     def export(self, path: str | Path) -> Path:
         """The policy and tokenizer to ``path`` (``from_pretrained``-ready, the next stage's ``model.path``); the
-        value model to ``<path>/../value``; weights stored in ``model.dtype``."""
+        value model to ``<path>/../value``; weights stored in ``model.dtype``; every iteration's logged scalars to
+        ``<path>/../ppo_history.jsonl`` (the over-optimisation probe reads proxy and gold reward against KL there)."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / "ppo_history.jsonl", "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in self.history)
         dtype = model_dtype(self.hparams.model_cfg, trainable=False)  # exports in model.dtype
         save_pretrained_as(self.model, path, dtype)
         self.tokenizer.save_pretrained(path)
