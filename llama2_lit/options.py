@@ -207,6 +207,13 @@ class Pipeline:
     rs_overrides: list[str]
     rs_distill_overrides: list[str]
     ppo_overrides: list[str]
+    evaluate: bool                 # world prompts: the held-out checks after the last iteration (eval/, overopt)
+    compare_prompts: int
+    compare_seed: int
+    rm_check_prompts: int
+    rm_check_k: int
+    overopt_n: int
+    overopt_prompts: int
 
 
 # a stage's own option group: present only under that stage (conf/stage/<name>.yaml, package _global_)

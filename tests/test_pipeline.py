@@ -18,11 +18,15 @@ def arg(step, key):
     return hits[0]
 
 
+EVAL = ["eval_rm"] * 5 + ["eval_compare", "eval_overopt"]
+
+
 def test_v1_to_v5_order_and_hand_offs(tmp_path):
     steps = plan(opts(tmp_path), ["model=tiny"], None)
     per_it = ["collect", "rm_helpfulness", "rm_safety", "rs", "rs_distill"]
     expected = ["sft"] + per_it * 3 + (per_it + ["ppo"]) * 2  # PPO from V4 on (paper)
-    assert [s.kind for s in steps] == expected
+    assert [s.kind for s in steps] == expected + EVAL  # then the held-out checks (world prompts)
+    steps = [s for s in steps if not s.kind.startswith("eval")]
     assert [s.name for s in steps][:3] == ["v0/sft", "v1/collect", "v1/rm_helpfulness"]
     by = {s.name: s for s in steps}
     # each iteration samples from the previous iteration's final policy
@@ -44,11 +48,11 @@ def test_v1_to_v5_order_and_hand_offs(tmp_path):
     # new prompts for every collection
     assert len({arg(by[f"v{k}/collect"], "data.seed") for k in range(1, 6)}) == 5
     # a given starting policy skips SFT
-    given = plan(opts(tmp_path, iterations=1), [], "/ckpt/sft")
+    given = plan(opts(tmp_path, iterations=1, evaluate=False), [], "/ckpt/sft")
     assert [s.kind for s in given] == per_it and arg(given[0], "model.path") == "/ckpt/sft"
     # RS and PPO score with the trained RMs unless pipeline.scorer says gold (the RMs are trained either way)
     assert arg(by["v1/rs"], "rs.scorer") == "rm" and arg(by["v5/ppo"], "ppo.scorer") == "rm"
-    gold = {s.name: s for s in plan(opts(tmp_path, scorer="gold"), [], None)}
+    gold = {s.name: s for s in plan(opts(tmp_path, scorer="gold", evaluate=False), [], None)}
     assert [s.kind for s in gold.values()] == expected
     assert arg(gold["v3/rs"], "rs.scorer") == "gold" and arg(gold["v4/ppo"], "ppo.scorer") == "gold"
     with pytest.raises(UserError, match="pipeline.scorer: unknown 'oracle'"):
@@ -58,7 +62,37 @@ def test_v1_to_v5_order_and_hand_offs(tmp_path):
         plan(opts(tmp_path, scorer="gold", rs_overrides=["data.path=/my/prompts.jsonl"]), [], None)
     with pytest.raises(UserError, match="pipeline.common_overrides sets data.path=p.jsonl"):
         plan(opts(tmp_path, scorer="gold"), ["data.path=p.jsonl"], None)
-    assert plan(opts(tmp_path, scorer="rm", rs_overrides=["data.path=/my/prompts.jsonl"]), [], None)
+    # other prompts than the world's: no gold checks at the end
+    assert [s.kind for s in plan(opts(tmp_path, scorer="rm", rs_overrides=["data.path=/my/prompts.jsonl"]), [], None)
+            ] == expected
+
+
+def test_evaluation_steps(tmp_path):
+    steps = {s.name: s for s in plan(opts(tmp_path), [], None)}
+    t = str(tmp_path)
+    # each iteration's helpfulness RM ranks samples of the policy it scored (the one that iteration sampled from)
+    rm3 = steps["eval/rm_v3"]
+    assert rm3.module == "llama2_lit.tools.gold_compare" and rm3.dir == tmp_path / "eval" / "rm_v3"
+    assert rm3.overrides == [f"{t}/v2/rs_distill/hf", "--rm", f"{t}/v3/rm_helpfulness/hf", "--n", "300", "--k", "8",
+                             "--seed", "11", "--json", f"{t}/eval/rm_v3/metrics.json"]
+    assert steps["eval/rm_v5"].overrides[0] == f"{t}/v4/ppo/hf"
+    # every iteration's final policy against SFT on 1,000 held-out prompts of another seed than the in-run eval
+    assert steps["eval/compare"].overrides == [
+        f"{t}/v0/sft/hf", f"{t}/v1/rs_distill/hf", f"{t}/v2/rs_distill/hf", f"{t}/v3/rs_distill/hf", f"{t}/v4/ppo/hf",
+        f"{t}/v5/ppo/hf", "--n", "1000", "--k", "4", "--seed", "11", "--json", f"{t}/eval/compare/metrics.json"]
+    # the probe: last policy, last helpfulness RM, last PPO run's history, into the pipeline directory
+    ov = steps["eval/overopt"]
+    assert ov.module == "llama2_lit.tools.overopt" and ov.dir == tmp_path and ov.done == "overopt.json"
+    assert ov.overrides == [f"{t}/v5/ppo/hf", "--rm", f"{t}/v5/rm_helpfulness/hf", "--n", "32", "--prompts", "200",
+                            "--seed", "11", "--out", t, "--ppo", f"{t}/v5/ppo/ppo_history.jsonl"]
+    assert not ov.finished()
+    (tmp_path / "overopt.json").write_text("{}")
+    assert ov.finished()
+    # RS only (no PPO): no PPO curve
+    ov = [s for s in plan(opts(tmp_path, iterations=1, ppo_from=9), [], None) if s.kind == "eval_overopt"][0]
+    assert "--ppo" not in ov.overrides and ov.overrides[0] == f"{t}/v1/rs_distill/hf"
+    with pytest.raises(UserError, match="compare_seed=9 draws the in-run evaluation's held-out prompts"):
+        plan(opts(tmp_path, compare_seed=9), [], None)  # seed 7: the in-run evaluation uses 9
 
 
 def fake_runner(calls, crash_at=None):
@@ -69,6 +103,9 @@ def fake_runner(calls, crash_at=None):
             (step.dir / "checkpoints" / "last.ckpt").write_text("partial")
             raise UserError("killed")
         step.dir.mkdir(parents=True, exist_ok=True)
+        if step.kind.startswith("eval"):
+            (step.dir / step.done).write_text("{}")
+            return
         metrics = {"eval/gold_helpfulness": 0.1 * step.iteration, "eval/gold_safety": 1.0, "val/accuracy": 0.6,
                    **({"eval/gold_helpfulness_se": 0.012, "eval/gold_helpfulness_sampled": 0.15,
                        "eval/gold_helpfulness_sampled_se": 0.011} if step.kind == "ppo" else {}),
@@ -96,17 +133,46 @@ def test_resume_runs_only_unfinished_steps(tmp_path):
 
 
 def test_report_table(tmp_path):
-    steps = plan(opts(tmp_path, iterations=2, ppo_from=2), [], None)
+    steps = plan(opts(tmp_path, iterations=2, ppo_from=2, evaluate=False), [], None)
     execute(steps, fake_runner([]), None)
     text, rows = report(steps, {s.name: 60.0 for s in steps}, tmp_path)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["gold_helpfulness"] for r in rows] == pytest.approx([0.0, 0.1, 0.2])
     assert rows[2]["policy"] == "v2/ppo" and rows[2]["ppo_kl"] == 0.3 and rows[1]["rs_max"] == 0.7
     assert "| 1 | v1/rs_distill | 0.100 | – | 1.000 |" in text  # no standard error, no sampled score: none printed
-    assert ("| 2 | v2/ppo | 0.200 ± 0.012 | 0.150 ± 0.011 | 1.000 | 0.600 | 0.600 | 0.700 / 0.500 | 0.450 / 0.350 | "
-            "0.300 | 6.0 |") in text
+    assert ("| 2 | v2/ppo | 0.200 ± 0.012 | 0.150 ± 0.011 | 1.000 | 0.600 | 0.600 | – | 0.700 / 0.500 | "
+            "0.450 / 0.350 | 0.300 | 6.0 |") in text
     assert rows[2]["gold_sampled"] == 0.15 and rows[1]["rs_gold_selected"] == 0.45
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_report_with_evaluations(tmp_path):
+    steps = plan(opts(tmp_path, iterations=1, ppo_from=1), [], None)
+    execute(steps, fake_runner([]), None)
+    (tmp_path / "pipeline.json").write_text(json.dumps({"scorer": "rm"}))
+    (tmp_path / "eval" / "rm_v1" / "metrics.json").write_text(json.dumps(
+        {"pair_accuracy": 0.8125, "best_by_rm": 0.5, "mean": 0.4, "best_by_gold": 0.7, "pairs": 16}))
+    sft, ppo = str(tmp_path / "v0/sft/hf"), str(tmp_path / "v1/ppo/hf")
+    (tmp_path / "eval" / "compare" / "metrics.json").write_text(json.dumps(
+        {"prompts": 1000, "samples_per_prompt": 4,
+         "policies": {sft: {"greedy": 0.4, "sampled": 0.3, "gold_safety": 1.0},
+                      ppo: {"greedy": 0.42, "sampled": 0.33, "gold_safety": 0.99}},
+         "vs_first": {ppo: {"greedy": {"diff": 0.02, "se": 0.005}, "sampled": {"diff": 0.03, "se": 0.004}}}}))
+    (tmp_path / "overopt.json").write_text(json.dumps(
+        {"n": 4, "prompts": 10, "k": [1, 2], "kl_bon": [0.0, 0.193], "gold": [0.3, 0.32], "gold_se": [0.01, 0.01],
+         "proxy": [0.5, 0.6], "proxy_se": [0.02, 0.02],
+         "ppo": {"iteration": [1, 2, 3], "sqrt_kl": [0.1, 0.2, 0.3], "proxy": [0.5, 0.6, 0.7],
+                 "gold": [0.3, 0.34, 0.33]}}))
+    text, rows = report(steps, {s.name: 60.0 for s in steps}, tmp_path)
+    assert rows[1]["rm_onpolicy_acc"] == 0.8125
+    assert "RS and PPO scored by: **rm**" in text
+    assert "| 1.000 | 0.600 | 0.600 | 0.812 | 0.700 / 0.500 |" in text
+    assert "| v0/sft/hf | 0.4000 | 0.3000 | 1.0000 | – | – |" in text
+    assert "| v1/ppo/hf | 0.4200 | 0.3300 | 0.9900 | +0.0200 ± 0.0050 (+4.0 SE) | +0.0300 ± 0.0040 (+7.5 SE) |" in text
+    assert "| 2 | 0.193 | 0.3200 ± 0.0100 | 0.6000 ± 0.0200 |" in text
+    assert "gold 0.3000 -> 0.3300 (highest 0.3400 at iteration 2, sqrt(KL) 0.200)" in text
+    assert "![over-optimisation](overopt.png)" in text
+    assert "| total | 600 |" in text and "| the recipe's steps (without eval/) | 420 |" in text  # 7 steps + 3 checks
 
 
 def test_pipeline_dir_of_other_settings_is_refused(make_cfg, tmp_path):
@@ -142,6 +208,7 @@ TINY = [
     "'callbacks.gold_eval.max_new_tokens=4','callbacks.gold_eval.at_start=true']",
     "pipeline.ppo_overrides=['ppo.iterations=2','stage.batch_size=4','ppo.mini_batch_size=4','ppo.max_new_tokens=4',"
     "'ppo.eval.max_new_tokens=4','data.synthetic.num_eval=8','callbacks.gold_eval.max_new_tokens=4']",
+    "pipeline.compare_prompts=20", "pipeline.rm_check_prompts=10", "pipeline.overopt_n=4", "pipeline.overopt_prompts=6",
 ]
 
 
@@ -165,6 +232,12 @@ def test_two_iterations_end_to_end_on_tiny(tmp_path):
         assert (root / step / "metrics.json").is_file(), step
     text = (root / "report.md").read_text()
     assert "| 2 | v2/ppo |" in text and (root / "report.png").is_file()
+    # the held-out checks ran and reached the report
+    for f in ("eval/rm_v1/metrics.json", "eval/rm_v2/metrics.json", "eval/compare/metrics.json", "overopt.json",
+              "overopt.png"):
+        assert (root / f).is_file(), f
+    assert "Held-out comparison" in text and "![over-optimisation](overopt.png)" in text
+    assert json.loads((root / "overopt.json").read_text())["ppo"]["iteration"]
     m = json.loads((root / "_pipeline_run" / "metrics.json").read_text())
     assert 0.0 <= m["pipeline/final_gold_helpfulness"] <= 1.0 and m["pipeline/iterations"] == 2
 

@@ -49,9 +49,11 @@ class Step:
     dir: Path
     overrides: list[str] = field(default_factory=list)
     policy_out: str | None = None   # the policy this step produces (its hf/), if any
+    module: str = "llama2_lit"      # what runs: a stage (hydra overrides) or an evaluation tool (its arguments)
+    done: str = "metrics.json"      # the file in ``dir`` whose presence marks the step finished
 
     def finished(self) -> bool:
-        return (self.dir / "metrics.json").is_file()
+        return (self.dir / self.done).is_file()
 
 
 def _list(items: Sequence[str]) -> str:
@@ -125,7 +127,69 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
                                f"ppo.reward_models.safety={rms['safety']}", f"ppo.scorer={scorer}", *extra("ppo")],
                               str(d / "hf")))
             policy = str(d / "hf")
+    if p.get("evaluate", True) and _world_prompts(p, common):
+        steps += evaluation_steps(p, steps, model_path)
     return steps
+
+
+def _world_prompts(p: dict[str, Any], common: list[str]) -> bool:
+    """Whether every step draws synthetic-world prompts (no ``data.path`` override), so the gold oracle can judge."""
+    for overrides in (common, *(p.get(f"{k}_overrides") or [] for k in ("collect", "rs", "ppo", "sft"))):
+        for o in overrides:
+            key, _, value = str(o).partition("=")
+            if key.lstrip("+~") == "data.path" and value != "synthetic":
+                return False
+    return True
+
+
+def evaluation_steps(p: dict[str, Any], steps: Sequence[Step], model_path: str | None) -> list[Step]:
+    """The held-out checks after the last iteration (synthetic world only), each a tool run in ``<root>/eval``:
+
+    - ``eval/rm_v<k>``: ``gold_compare --rm``, how well iteration k's helpfulness RM ranks T=1 samples of the policy
+      it scored (the one RS sampled from): pairwise accuracy on sample pairs whose gold differs, gold of the
+      RM's best of ``rm_check_k`` against the mean sample;
+    - ``eval/compare``: ``gold_compare`` of every iteration's policy against the first on ``compare_prompts``
+      held-out prompts drawn with ``compare_seed`` (not the in-run evaluation's prompts): paired differences of
+      greedy and T=1 gold with their standard errors, and gold safety;
+    - ``eval/overopt``: the over-optimisation probe on the last policy and helpfulness RM (best-of-n gold and proxy
+      against KL_bon, and the last PPO run's rollouts against sqrt(KL)): ``<root>/overopt.json`` and ``overopt.png``.
+    """
+    root, ev = Path(p["root"]), Path(p["root"]) / "eval"
+    policies = [str(model_path)] if model_path else []
+    rms, ppo_dir = {}, None
+    for s in steps:
+        if s.kind in ("sft", "rs_distill", "ppo") and s.policy_out:
+            if s.kind == "rs_distill" and any(t.kind == "ppo" and t.iteration == s.iteration for t in steps):
+                continue  # the iteration's policy is its PPO output
+            policies.append(s.policy_out)
+        if s.kind == "rm_helpfulness":
+            rms[s.iteration] = str(s.dir / "hf")
+        if s.kind == "ppo":
+            ppo_dir = s.dir
+    scored = {}  # iteration k -> the policy its RM scored (the policy at the start of iteration k)
+    for s in steps:
+        if s.kind == "collect":
+            scored[s.iteration] = next(o.split("=", 1)[1] for o in s.overrides if o.startswith("model.path="))
+    seed = str(p.get("compare_seed", 11))
+    if int(seed) == int(p.get("seed", 0)) + 2:
+        raise UserError(f"pipeline.compare_seed={seed} draws the in-run evaluation's held-out prompts (seed + 2); "
+                        "choose another so the final comparison is on other prompts")
+    out = [Step(f"eval/rm_v{k}", k, "eval_rm", ev / f"rm_v{k}",
+                [scored[k], "--rm", rm, "--n", str(p.get("rm_check_prompts", 300)), "--k", str(p.get("rm_check_k", 8)),
+                 "--seed", seed, "--json", str(ev / f"rm_v{k}" / "metrics.json")], module="llama2_lit.tools.gold_compare")
+           for k, rm in sorted(rms.items())]
+    out.append(Step("eval/compare", len(rms), "eval_compare", ev / "compare",
+                    [*policies, "--n", str(p.get("compare_prompts", 1000)), "--k", "4", "--seed", seed,
+                     "--json", str(ev / "compare" / "metrics.json")], module="llama2_lit.tools.gold_compare"))
+    if rms:
+        last_rm = rms[max(rms)]
+        args = [policies[-1], "--rm", last_rm, "--n", str(p.get("overopt_n", 32)), "--prompts",
+                str(p.get("overopt_prompts", 200)), "--seed", seed, "--out", str(root)]
+        if ppo_dir is not None:
+            args += ["--ppo", str(ppo_dir / "ppo_history.jsonl")]
+        out.append(Step("eval/overopt", len(rms), "eval_overopt", root, args, module="llama2_lit.tools.overopt",
+                        done="overopt.json"))
+    return out
 
 
 def _resume_overrides(step: Step) -> list[str]:
@@ -149,7 +213,7 @@ def execute(steps: Sequence[Step], runner: Callable[[Step, list[str]], None], ti
         t0 = time.perf_counter()
         runner(step, resume)
         if not step.finished():
-            raise UserError(f"pipeline: step {step.name} ended without {step.dir / 'metrics.json'}; see its "
+            raise UserError(f"pipeline: step {step.name} ended without {step.dir / step.done}; see its "
                             f"__main__.log")
         timings[step.name] = time.perf_counter() - t0
         if timings_file:
@@ -161,12 +225,17 @@ def execute(steps: Sequence[Step], runner: Callable[[Step, list[str]], None], ti
 
 
 def subprocess_runner(step: Step, extra: list[str]) -> None:
-    cmd = [sys.executable, "-m", "llama2_lit", *step.overrides, *extra, f"hydra.run.dir={step.dir}"]
+    if step.module != "llama2_lit":  # an evaluation tool: plain arguments, no Hydra run directory
+        step.dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", step.module, *step.overrides]
+    else:
+        cmd = [sys.executable, "-m", "llama2_lit", *step.overrides, *extra, f"hydra.run.dir={step.dir}"]
     log.info("pipeline: %s", " ".join(cmd[2:]))
     rc = subprocess.run(cmd, check=False).returncode
     if rc != 0:
-        raise UserError(f"pipeline: step {step.name} failed (exit code {rc}); its log is {step.dir}/__main__.log. "
-                        "Rerun the same command to resume.")
+        where = f"its log is {step.dir}/__main__.log" if step.module == "llama2_lit" else "its output is above"
+        raise UserError(f"pipeline: step {step.name} failed (exit code {rc}); {where}. Rerun the same command to "
+                        "resume.")
 
 
 def _manifest(root: Path, settings: dict[str, Any]) -> None:
@@ -206,6 +275,9 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
             row["gold_sampled"] = m.get("eval/gold_helpfulness_sampled")
             row["gold_sampled_se"] = m.get("eval/gold_helpfulness_sampled_se")
             row["gold_safety"] = m.get("eval/gold_safety")
+            row["oracle_best"] = m.get("eval/gold_helpfulness_oracle_best_of")
+            row["oracle_best_se"] = m.get("eval/gold_helpfulness_oracle_best_of_se")
+            row["oracle_k"] = m.get("eval/oracle_best_of_k")
             row["policy"] = last.name
         if k == 1 and 0 not in by_it and "rs_distill" in st:  # a given starting policy: its gold eval at the start
             m = _metrics(st["rs_distill"])
@@ -232,6 +304,10 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
         if "ppo" in st:
             m = _metrics(st["ppo"])
             row["ppo_kl"], row["ppo_val_reward"] = m.get("ppo/kl"), m.get("val/reward")
+        rm_check = _json(root / "eval" / f"rm_v{k}" / "metrics.json")
+        if rm_check:  # gold_compare --rm: the helpfulness RM on T=1 samples of the policy it scored
+            row["rm_onpolicy_acc"] = rm_check.get("pair_accuracy")
+            row["rm_best_gold"], row["rm_mean_gold"] = rm_check.get("best_by_rm"), rm_check.get("mean")
         row["seconds"] = sum(v for n, v in timings.items() if n.startswith(f"v{k}/"))
         rows.append(row)
 
@@ -245,15 +321,29 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
     def pair(r, a, b):
         return f"{f(r.get(a))} / {f(r.get(b))}" if r.get(a) is not None else "–"
 
-    lines = ["# Pipeline report", "", "| iteration | policy | gold helpfulness (greedy) | gold helpfulness (T=1) | "
-             "gold safety | RM help acc | RM safety acc | RS max@K / median@K | RS gold selected / mean | PPO KL | "
-             "minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    scorer = (_json(root / "pipeline.json") or {}).get("scorer", "rm")
+    lines = ["# Pipeline report", "", f"RS and PPO scored by: **{scorer}** "
+             f"({'each iteration’s trained reward models, the paper’s setting' if scorer == 'rm' else 'the world’s gold oracle, a perfect RM: the ceiling'}).",
+             "", "| iteration | policy | gold helpfulness (greedy) | gold helpfulness (T=1) | "
+             "gold safety | RM help acc | RM safety acc | RM on-policy acc | RS max@K / median@K | "
+             "RS gold selected / mean | PPO KL | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['iteration']} | {r.get('policy', '–')} | {gold(r)} | "
                      f"{gold(r, 'gold_sampled', 'gold_sampled_se')} | "
                      f"{f(r.get('gold_safety'))} | {f(r.get('rm_helpfulness_acc'))} | {f(r.get('rm_safety_acc'))} | "
+                     f"{f(r.get('rm_onpolicy_acc'))} | "
                      f"{pair(r, 'rs_max', 'rs_median')} | {pair(r, 'rs_gold_selected', 'rs_gold_mean')} | "
                      f"{f(r.get('ppo_kl'))} | {f(r.get('seconds', 0) / 60, 1) if r.get('seconds') else '–'} |")
+    lines += ["", "Gold helpfulness (greedy, T=1) and safety: the in-run held-out evaluation. RM help / safety acc: "
+              "validation accuracy on held-out collected pairs. RM on-policy acc: the helpfulness RM ranking T=1 "
+              "samples of the policy it scored (pairs whose gold differs; `eval/rm_v<k>`). RS gold selected / mean: "
+              "gold of the answers rejection sampling kept against the mean sample."]
+    for r in rows:
+        if r.get("oracle_best") is not None:
+            lines += ["", f"Room for RLHF: {r.get('policy')} answers held-out prompts with gold {f(r.get('gold_helpfulness'))} "
+                      f"(greedy) and {f(r.get('gold_sampled'))} (T=1); the best of {int(r['oracle_k'])} T=1 samples by "
+                      f"the gold oracle (a perfect RM) scores {gold(r, 'oracle_best', 'oracle_best_se')}."]
+    lines += _compare_lines(root) + _overopt_lines(root)
     lines += ["", "Helpfulness RM accuracy by rating bucket (Table 8's columns):", "",
               "| iteration | " + " | ".join(BUCKETS) + " |", "|---|" + "---|" * len(BUCKETS)]
     for r in rows:
@@ -262,11 +352,63 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
                          + " |")
     lines += ["", "Seconds per step:", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {n} | {v:.0f} |" for n, v in timings.items()]
+    recipe = sum(v for n, v in timings.items() if not n.startswith("eval/"))
     lines += [f"| total | {sum(timings.values()):.0f} |"]
+    if len(timings) > 1 and recipe != sum(timings.values()):
+        lines += [f"| the recipe's steps (without eval/) | {recipe:.0f} |"]
     text = "\n".join(lines) + "\n"
     (root / "report.md").write_text(text)
     _figure(rows, root / "report.png")
     return text, rows
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _compare_lines(root: Path) -> list[str]:
+    """The held-out comparison of ``eval/compare`` (gold_compare), when it ran."""
+    res = _json(root / "eval" / "compare" / "metrics.json")
+    if not res:
+        return []
+    names = list(res["policies"])
+    lines = ["", f"Held-out comparison (`gold_compare`, {res['prompts']} prompts drawn with another seed than the "
+             f"in-run evaluation; {res['samples_per_prompt']} T=1 samples each); differences are paired, against "
+             f"the first policy, with their standard error and its multiple:", "",
+             "| policy | greedy | T=1 | gold safety | greedy - first | T=1 - first |", "|---|---|---|---|---|---|"]
+    for name in names:
+        m, d = res["policies"][name], res["vs_first"].get(name)
+
+        def diff(key):
+            if not d:
+                return "–"
+            x, se = d[key]["diff"], d[key]["se"]
+            return f"{x:+.4f} ± {se:.4f} ({x / se:+.1f} SE)" if se > 0 else f"{x:+.4f}"
+        short = str(Path(name).relative_to(root)) if Path(name).is_relative_to(root) else name
+        lines.append(f"| {short} | {m['greedy']:.4f} | {m['sampled']:.4f} | {m['gold_safety']:.4f} | {diff('greedy')} | "
+                     f"{diff('sampled')} |")
+    return lines
+
+
+def _overopt_lines(root: Path) -> list[str]:
+    """The over-optimisation probe's table (``overopt.json``) and picture, when it ran."""
+    res = _json(root / "overopt.json")
+    if not res:
+        return []
+    lines = ["", f"Over-optimisation probe on the last policy and helpfulness RM (best of k of {res['n']} T=1 samples "
+             f"by the RM, {res['prompts']} held-out helpfulness prompts; `overopt.json`):", "",
+             "| k | KL_bon | gold | proxy (RM) |", "|---|---|---|---|"]
+    for i, k in enumerate(res["k"]):
+        lines.append(f"| {k} | {res['kl_bon'][i]:.3f} | {res['gold'][i]:.4f} ± {res['gold_se'][i]:.4f} | "
+                     f"{res['proxy'][i]:.4f} ± {res['proxy_se'][i]:.4f} |")
+    c = res.get("ppo")
+    if c:
+        peak = max(range(len(c["gold"])), key=lambda i: c["gold"][i])
+        lines += ["", f"PPO rollouts, {len(c['iteration'])} iterations: sqrt(KL) {c['sqrt_kl'][0]:.3f} -> "
+                  f"{c['sqrt_kl'][-1]:.3f}; proxy {c['proxy'][0]:.4f} -> {c['proxy'][-1]:.4f}; gold "
+                  f"{c['gold'][0]:.4f} -> {c['gold'][-1]:.4f} (highest {c['gold'][peak]:.4f} at iteration "
+                  f"{c['iteration'][peak]}, sqrt(KL) {c['sqrt_kl'][peak]:.3f})."]
+    return lines + ["", "![over-optimisation](overopt.png)"]
 
 
 def _figure(rows: list[dict[str, Any]], out: Path) -> None:
