@@ -83,7 +83,7 @@ def ppo_curve(history: str | Path) -> dict:
 
 def plot(res: dict, path: Path) -> None:
     """Gold and proxy against KL_bon, error bars of one standard error; the proxy on its own axis when the two
-    curves' ranges do not overlap."""
+    curves' ranges do not overlap. With a PPO curve, a second panel: gold and proxy (own axes) against sqrt(KL)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,13 +107,17 @@ def plot(res: dict, path: Path) -> None:
     ax.legend(handles=handles, loc="best")
     ax.set_title(f"best-of-k by the RM, {res['prompts']} held-out prompts, n={res['n']}")
     if ppo:
-        bx = axes[0][1]
-        bx.plot(ppo["sqrt_kl"], ppo["gold"], "o-", color="tab:blue", markersize=3, label="gold")
-        bx.plot(ppo["sqrt_kl"], ppo["proxy"], "s-", color="tab:orange", markersize=3, label="proxy (RM)")
+        bx = axes[0][1]  # one point per iteration (the KL estimate is noisy: no line), later iterations darker
+        shade = [0.25 + 0.75 * i / max(1, len(ppo["iteration"]) - 1) for i in range(len(ppo["iteration"]))]
+        bx.scatter(ppo["sqrt_kl"], ppo["gold"], c=shade, cmap="Blues", vmin=0, vmax=1, marker="o", s=18, label="gold")
+        qx = bx.twinx()
+        qx.scatter(ppo["sqrt_kl"], ppo["proxy"], c=shade, cmap="Oranges", vmin=0, vmax=1, marker="s", s=18,
+                   label="proxy (RM)")
         bx.set_xlabel("sqrt(KL(pi || pi_0)) of the rollouts (sqrt nats)")
-        bx.set_ylabel("reward of the rollouts")
-        bx.set_title(f"PPO, one point per iteration ({len(ppo['iteration'])})")
-        bx.legend(loc="best")
+        bx.set_ylabel("gold helpfulness of the rollouts", color="tab:blue")
+        qx.set_ylabel("proxy (RM, sigmoid)", color="tab:orange")
+        bx.set_title(f"PPO rollouts, one point per iteration ({len(ppo['iteration'])}; later = darker)")
+        bx.legend(handles=bx.get_legend_handles_labels()[0] + qx.get_legend_handles_labels()[0], loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
