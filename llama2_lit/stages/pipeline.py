@@ -403,6 +403,8 @@ def _overopt_lines(root: Path) -> list[str]:
                      f"{res['proxy'][i]:.4f} ± {res['proxy_se'][i]:.4f} |")
     c = res.get("ppo")
     if c:
+        if (_json(root / "pipeline.json") or {}).get("scorer") == "gold":
+            lines += ["", "(pipeline.scorer=gold: PPO optimised the gold score itself, so its proxy is the gold.)"]
         peak = max(range(len(c["gold"])), key=lambda i: c["gold"][i])
         lines += ["", f"PPO rollouts, {len(c['iteration'])} iterations: sqrt(KL) {c['sqrt_kl'][0]:.3f} -> "
                   f"{c['sqrt_kl'][-1]:.3f}; proxy {c['proxy'][0]:.4f} -> {c['proxy'][-1]:.4f}; gold "
