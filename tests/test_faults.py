@@ -153,8 +153,8 @@ def test_pipeline_takes_over_the_lock_of_a_killed_pipeline_and_its_steps_run(mak
         fake_runner(calls)(step, extra)
 
     with caplog.at_level("WARNING", logger="llama2_lit.stages.pipeline"):
-        run(make_cfg("stage=pipeline", f"pipeline.root={root}", "pipeline.iterations=1", out=tmp_path / "run"),
-            runner=runner)
+        run(make_cfg("stage=pipeline", f"pipeline.root={root}", "pipeline.iterations=1", "pipeline.evaluate=false",
+                     out=tmp_path / "run"), runner=runner)
     assert [r.getMessage() for r in caplog.records if "took over" in r.getMessage()] == [
         f"pipeline: {root}: took over the lock of pid {dead.pid} ({dead.command}, started {dead.started}), which "
         "ended without releasing it"]

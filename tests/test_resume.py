@@ -31,7 +31,8 @@ QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=fals
 SFT = ["stage=sft", "data.synthetic.num_train=60", "trainer.max_steps=-1", "stage.max_epochs=2",
        "callbacks.checkpoint.every_n_steps=2"]
 # 12 micro-batches of 4 pairs over 2 epochs, 2 per optimizer step (6 steps)
-RM = ["stage=rm", "data=synthetic_pairs", "data.synthetic.policy=perturb", "data.synthetic.num_train=30",
+# 28 prompts: 12 micro-batches of 4 pairs over 2 epochs (prompts whose two answers tie give no pair)
+RM = ["stage=rm", "data=synthetic_pairs", "data.synthetic.policy=perturb", "data.synthetic.num_train=28",
       "stage.pairs_per_step=8", "stage.module.warmup_steps=1", "trainer.max_steps=-1", "stage.max_epochs=2",
       "callbacks.checkpoint.every_n_steps=2"]
 
