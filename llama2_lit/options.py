@@ -198,6 +198,7 @@ class Pipeline:
     seed: int
     collect_previous_policy: bool
     scorer: Scorer
+    rm_init: str                   # policy | previous
     common_overrides: list[str]
     sft_overrides: list[str]
     collect_overrides: list[str]

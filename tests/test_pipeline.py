@@ -67,6 +67,19 @@ def test_v1_to_v5_order_and_hand_offs(tmp_path):
             ] == expected
 
 
+def test_rm_init_previous_carries_the_reward_models_over(tmp_path):
+    steps = {s.name: s for s in plan(opts(tmp_path, iterations=3, rm_init="previous"), [], None)}
+    t = str(tmp_path)
+    assert arg(steps["v1/rm_helpfulness"], "model.path") == f"{t}/v0/sft/hf"  # V1: from the policy
+    assert arg(steps["v2/rm_helpfulness"], "model.path") == f"{t}/v1/rm_helpfulness/hf"
+    assert arg(steps["v3/rm_safety"], "model.path") == f"{t}/v2/rm_safety/hf"
+    assert arg(steps["v3/rs"], "model.path") == f"{t}/v2/rs_distill/hf"  # the policy's chain is unchanged
+    default = {s.name: s for s in plan(opts(tmp_path, iterations=2), [], None)}
+    assert arg(default["v2/rm_safety"], "model.path") == f"{t}/v1/rs_distill/hf"  # the paper: the latest policy
+    with pytest.raises(UserError, match="pipeline.rm_init: unknown 'last'"):
+        plan(opts(tmp_path, rm_init="last"), [], None)
+
+
 def test_evaluation_steps(tmp_path):
     steps = {s.name: s for s in plan(opts(tmp_path), [], None)}
     t = str(tmp_path)

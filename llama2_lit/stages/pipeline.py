@@ -92,7 +92,11 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
         policy = str(d / "hf")
         steps.append(Step("v0/sft", 0, "sft", d, ["stage=sft", *common, *extra("sft")], policy))
     pairs: list[str] = []
-    previous = None
+    previous, rms = None, {}
+    rm_init = str(p.get("rm_init") or "policy")
+    if rm_init not in ("policy", "previous"):
+        raise UserError(f"pipeline.rm_init: unknown '{rm_init}' (policy: each iteration's RMs start from the latest "
+                        "policy, as in the paper; previous: from the previous iteration's RMs)")
     for k in range(1, int(p["iterations"]) + 1):
         v = root / f"v{k}"
         seed_k = int(p["seed"]) * 1000 + k
@@ -103,12 +107,15 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
                           ["stage=collect", *common, f"model.path={policy}", f"data.seed={seed_k}",
                            f"collect.seed={seed_k}", *variant, *extra("collect")]))
         pairs.append(str(v / "collect" / "pairs.jsonl"))
-        rms = {}
+        previous_rms, rms = rms if k > 1 else {}, {}
         for reward in ("helpfulness", "safety"):
             d = v / f"rm_{reward}"
+            # rm_init: policy (the paper: each RM starts from the latest chat model) | previous (from V2 on, from the
+            # previous iteration's RM, so that training accumulates over iterations)
+            init = previous_rms[reward] if rm_init == "previous" and previous_rms else policy
             steps.append(Step(f"v{k}/rm_{reward}", k, f"rm_{reward}", d,
                               ["stage=rm", "data=pairs", f"data.path={_list(pairs)}", f"reward={reward}", *common,
-                               f"model.path={policy}", *extra("rm"), *extra(f"rm_{reward}")]))
+                               f"model.path={init}", *extra("rm"), *extra(f"rm_{reward}")]))
             rms[reward] = str(d / "hf")
         steps.append(Step(f"v{k}/rs", k, "rs", v / "rs",
                           ["stage=rs", "data=rs_prompts", *common, f"model.path={policy}", f"rs.iteration={k}",
@@ -243,6 +250,7 @@ def _manifest(root: Path, settings: dict[str, Any]) -> None:
     if f.is_file():
         old = json.loads(f.read_text())
         old.setdefault("scorer", "rm")  # pipelines started before pipeline.scorer existed scored with their RMs
+        old.setdefault("rm_init", "policy")  # ... and before pipeline.rm_init, started their RMs from the policy
         keys = sorted(set(old) | set(settings))
         diff = [k for k in keys if old.get(k) != settings.get(k) and k != "iterations"]
         if diff:
@@ -462,7 +470,7 @@ def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_
     steps = plan(p, common, model_path)
     settings = {"model": cfg.model.name, "model_path": model_path, "seed": int(cfg.seed),
                 "iterations": int(p["iterations"]), "ppo_from": int(p["ppo_from"]), "scorer": p.get("scorer", "rm"),
-                **{k: v for k, v in p.items() if k.endswith("_overrides")}}
+                "rm_init": p.get("rm_init") or "policy", **{k: v for k, v in p.items() if k.endswith("_overrides")}}
     # one pipeline per root: a second one (make demo started twice) is refused here, before it writes into root;
     # each step locks its own directory below root (llama2_lit/run_lock.py)
     with run_lock.acquire(root) as lock:
