@@ -76,14 +76,11 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
     if scorer not in ("rm", "gold"):
         raise UserError(f"pipeline.scorer: unknown '{scorer}' (choose rm: the trained reward models, or gold: the "
                         "synthetic world's oracle)")
-    if scorer == "gold":  # refuse now, not after the first collection and reward models have run
-        for kind, overrides in (("common", common), ("collect", extra("collect")), ("rs", extra("rs")),
-                                ("ppo", extra("ppo"))):
-            for o in overrides:
-                key, _, value = str(o).partition("=")
-                if key.lstrip("+~") == "data.path" and value != "synthetic":
-                    raise UserError(f"pipeline.scorer=gold scores synthetic-world prompts only, but "
-                                    f"pipeline.{kind}_overrides sets {o}; use pipeline.scorer=rm for other prompts")
+    foreign = _other_prompts(p, common, ("common", "collect", "rs", "ppo"))
+    if scorer == "gold" and foreign:  # refuse now, not after the first collection and reward models have run
+        kind, o = foreign
+        raise UserError(f"pipeline.scorer=gold scores synthetic-world prompts only, but pipeline.{kind}_overrides "
+                        f"sets {o}; use pipeline.scorer=rm for other prompts")
     steps: list[Step] = []
     if model_path:
         policy = str(model_path)
@@ -134,19 +131,20 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
                                f"ppo.reward_models.safety={rms['safety']}", f"ppo.scorer={scorer}", *extra("ppo")],
                               str(d / "hf")))
             policy = str(d / "hf")
-    if p.get("evaluate", True) and _world_prompts(p, common):
+    if p.get("evaluate", True) and not _other_prompts(p, common, ("common", "collect", "rs", "ppo", "sft")):
         steps += evaluation_steps(p, steps, model_path)
     return steps
 
 
-def _world_prompts(p: dict[str, Any], common: list[str]) -> bool:
-    """Whether every step draws synthetic-world prompts (no ``data.path`` override), so the gold oracle can judge."""
-    for overrides in (common, *(p.get(f"{k}_overrides") or [] for k in ("collect", "rs", "ppo", "sft"))):
-        for o in overrides:
+def _other_prompts(p: dict[str, Any], common: list[str], kinds: Sequence[str]) -> tuple[str, str] | None:
+    """The first ``(kind, override)`` among those step kinds' overrides (``common``: every step's) that points
+    ``data.path`` away from the synthetic world, whose gold oracle alone can judge; None when there is none."""
+    for kind in kinds:
+        for o in common if kind == "common" else list(p.get(f"{kind}_overrides") or []):
             key, _, value = str(o).partition("=")
             if key.lstrip("+~") == "data.path" and value != "synthetic":
-                return False
-    return True
+                return kind, str(o)
+    return None
 
 
 def evaluation_steps(p: dict[str, Any], steps: Sequence[Step], model_path: str | None) -> list[Step]:
@@ -262,8 +260,7 @@ def _manifest(root: Path, settings: dict[str, Any]) -> None:
 
 
 def _metrics(step: Step) -> dict[str, float]:
-    f = step.dir / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return _json(step.dir / "metrics.json") or {}
 
 
 def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tuple[str, list[dict[str, Any]]]:
@@ -351,7 +348,7 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
             lines += ["", f"Room for RLHF: {r.get('policy')} answers held-out prompts with gold {f(r.get('gold_helpfulness'))} "
                       f"(greedy) and {f(r.get('gold_sampled'))} (T=1); the best of {int(r['oracle_k'])} T=1 samples by "
                       f"the gold oracle (a perfect RM) scores {gold(r, 'oracle_best', 'oracle_best_se')}."]
-    lines += _compare_lines(root) + _overopt_lines(root)
+    lines += _compare_lines(root) + _overopt_lines(root, scorer)
     lines += ["", "Helpfulness RM accuracy by rating bucket (Table 8's columns):", "",
               "| iteration | " + " | ".join(BUCKETS) + " |", "|---|" + "---|" * len(BUCKETS)]
     for r in rows:
@@ -398,7 +395,7 @@ def _compare_lines(root: Path) -> list[str]:
     return lines
 
 
-def _overopt_lines(root: Path) -> list[str]:
+def _overopt_lines(root: Path, scorer: str) -> list[str]:
     """The over-optimisation probe's table (``overopt.json``) and picture, when it ran."""
     res = _json(root / "overopt.json")
     if not res:
@@ -411,7 +408,7 @@ def _overopt_lines(root: Path) -> list[str]:
                      f"{res['proxy'][i]:.4f} ± {res['proxy_se'][i]:.4f} |")
     c = res.get("ppo")
     if c:
-        if (_json(root / "pipeline.json") or {}).get("scorer") == "gold":
+        if scorer == "gold":
             lines += ["", "(pipeline.scorer=gold: PPO optimised the gold score itself, so its proxy is the gold.)"]
         peak = max(range(len(c["gold"])), key=lambda i: c["gold"][i])
         lines += ["", f"PPO rollouts, {len(c['iteration'])} iterations: sqrt(KL) {c['sqrt_kl'][0]:.3f} -> "
