@@ -60,7 +60,8 @@ def to_messages(rec: dict, fmt: str, path=None, line=None, prompt_field: str = "
     raise DataError(path, line, None, f"unknown format '{fmt}' (choose {list(FORMATS)})")
 
 
-def tokenize_chat(messages: list[dict], tokenizer, where: str = "") -> tuple[list[int], list[int]]:
+def tokenize_chat(messages: list[dict], tokenizer, where: str = "", last_only: bool = False
+                  ) -> tuple[list[int], list[int]]:
     """Render ``messages`` with the tokenizer's chat template and mask every non-assistant token.
 
     Returns ``(input_ids, labels)`` where ``labels`` equals ``input_ids`` on assistant answers
@@ -69,11 +70,15 @@ def tokenize_chat(messages: list[dict], tokenizer, where: str = "") -> tuple[lis
     assistant turn: tokens between the rendering with a generation prompt and the rendering
     with the answer are the answer's. A template whose renderings are not prefixes of one
     another cannot be masked this way and is refused.
+
+    ``last_only``: the loss on the last assistant turn only, every earlier token masked, answers included (Ghost
+    Attention's rows, Llama 2 §3.3: "set the loss to 0 for all the tokens from the previous turns").
     """
     ids: list[int] = []
     labels: list[int] = []
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or (last_only and i != last):
             continue
         prompt_ids = render(tokenizer, messages[:i], add_generation_prompt=True) if i else []
         full_ids = render(tokenizer, messages[: i + 1], add_generation_prompt=False)

@@ -22,10 +22,11 @@ from data_modules.resumable import EpochRandomSampler, ResumableDataLoader
 from data_modules.sources import iter_records
 from llama2_lit.errors import DataError, UserError
 from llama2_lit.core.losses import IGNORE_INDEX
-from llama2_lit.world import oracle as world
+from llama2_lit.world import dialogue, oracle as world, preprompt
 
 log = logging.getLogger(__name__)
 MODES = ("sft", "pretrain")
+LOSS_TURNS = ("all", "last")
 
 
 class RowDataset(Dataset):
@@ -76,7 +77,13 @@ class PackedSFTDataModule(L.LightningDataModule):
         val_path: a separate validation source; else ``val_fraction`` of ``path`` is held out.
         packing: ``isolated`` | ``concat`` | ``none`` (see ``data_modules.packing``).
         overlong: ``truncate`` | ``drop`` | ``split`` (concat only) for examples longer than ``seq_len``.
-        synthetic: world options (``num_train``, ``num_val``, ``safety_fraction``, ``num_eval``).
+        loss_turns: ``all`` (every assistant turn of a ``messages`` record) or ``last`` (the last one only: Ghost
+            Attention's rows, Llama 2 §3.3).
+        synthetic: world options (``num_train``, ``num_val``, ``safety_fraction``, ``num_eval``, and
+            ``dialogue_fraction``: that share of the examples are the world's multi-turn rows,
+            ``llama2_lit.world.dialogue.sft_dialogue``; ``preprompt_fraction``: that share are rows with a safety
+            preprompt before a world prompt and the gold answer, ``llama2_lit.world.preprompt.sft_rows``, so that the
+            model learns what a preprompt says before stage=context_distill uses one).
     """
 
     def __init__(self, tokenizer, path: str = "synthetic", format: str = "alpaca", mode: str = "sft",
@@ -84,12 +91,14 @@ class PackedSFTDataModule(L.LightningDataModule):
                  batch_size: int = 8, packing: str = "isolated", overlong: str = "truncate",
                  prompt_field: str = "prompt", response_field: str = "response", text_field: str = "text",
                  synthetic: dict[str, Any] | None = None, limit: int | None = None, seed: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, loss_turns: str = "all"):
         super().__init__()
         if mode not in MODES:
             raise UserError(f"data.mode: unknown '{mode}' (choose {list(MODES)})")
         if path != "synthetic" and format not in FORMATS:
             raise UserError(f"data.format: unknown '{format}' (choose {list(FORMATS)})")
+        if loss_turns not in LOSS_TURNS:
+            raise UserError(f"data.loss_turns: unknown '{loss_turns}' (choose {list(LOSS_TURNS)})")
         check_packing(packing, overlong, UserError, "data.")
         if tokenizer.pad_token_id is None:
             raise UserError("tokenizer has no pad token")
@@ -98,9 +107,18 @@ class PackedSFTDataModule(L.LightningDataModule):
         self.val_path, self.val_fraction = val_path, val_fraction
         self.seq_len, self.batch_size, self.packing, self.overlong = seq_len, batch_size, packing, overlong
         self.fields = {"prompt_field": prompt_field, "response_field": response_field}
+        self.loss_turns = loss_turns
         self.text_field = text_field
         self.synthetic = {"num_train": 2000, "num_val": 200, "num_eval": 64, "safety_fraction": 0.2,
-                          **dict(synthetic or {})}
+                          "dialogue_fraction": 0.0, "preprompt_fraction": 0.0, **dict(synthetic or {})}
+        if not 0.0 <= float(self.synthetic["dialogue_fraction"]) <= 1.0:
+            raise UserError(f"data.synthetic.dialogue_fraction: {self.synthetic['dialogue_fraction']} is not in [0, 1]")
+        if not 0.0 <= float(self.synthetic["preprompt_fraction"]) <= 1.0:
+            raise UserError(f"data.synthetic.preprompt_fraction: {self.synthetic['preprompt_fraction']} is not in "
+                            "[0, 1]")
+        if float(self.synthetic["dialogue_fraction"]) + float(self.synthetic["preprompt_fraction"]) > 1.0:
+            raise UserError("data.synthetic.dialogue_fraction + data.synthetic.preprompt_fraction: "
+                            f"{self.synthetic['dialogue_fraction']} + {self.synthetic['preprompt_fraction']} > 1")
         self.limit, self.seed, self.num_workers = limit, seed, num_workers
         self.oracle = path == "synthetic"  # gold scores exist: callbacks can evaluate generations
         self.stats: dict[str, float] = {}
@@ -109,7 +127,13 @@ class PackedSFTDataModule(L.LightningDataModule):
 
     # -- examples -------------------------------------------------------------------------
     def _synthetic_examples(self, split: str, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
-        tasks = world.generate_tasks(n, seed=seed, split=split, safety_fraction=self.synthetic["safety_fraction"])
+        """``n`` world examples: single-turn tasks, and (SFT, ``dialogue_fraction`` > 0) that share of multi-turn
+        rows, placed at seeded positions among the tasks (the tasks themselves are those of the smaller count); then
+        (SFT, ``preprompt_fraction`` > 0) that share of preprompted rows, placed the same way."""
+        n_dialogues = round(n * float(self.synthetic["dialogue_fraction"])) if self.mode == "sft" else 0
+        n_preprompted = round(n * float(self.synthetic["preprompt_fraction"])) if self.mode == "sft" else 0
+        tasks = world.generate_tasks(n - n_dialogues - n_preprompted, seed=seed, split=split,
+                                     safety_fraction=self.synthetic["safety_fraction"])
         out = []
         for t in tasks:
             if self.mode == "sft":
@@ -117,6 +141,14 @@ class PackedSFTDataModule(L.LightningDataModule):
                 out.append(tokenize_chat(msgs, self.tokenizer, "synthetic"))
             else:
                 out.append(tokenize_text(f"{t.prompt}\n{t.answer}", self.tokenizer))
+        rng = random.Random(f"llama2-lit-sft-dialogues|{split}|{seed}")
+        for _ in range(n_dialogues):
+            row = tokenize_chat(dialogue.sft_dialogue(rng, split), self.tokenizer, "synthetic")
+            out.insert(rng.randrange(len(out) + 1), row)
+        if n_preprompted:
+            rng = random.Random(f"llama2-lit-sft-preprompted|{split}|{seed}")
+            for msgs in preprompt.sft_rows(n_preprompted, seed, split):
+                out.insert(rng.randrange(len(out) + 1), tokenize_chat(msgs, self.tokenizer, "synthetic"))
         return out
 
     def _file_examples(self, path: str) -> list[tuple[list[int], list[int]]]:
@@ -130,7 +162,7 @@ class PackedSFTDataModule(L.LightningDataModule):
                 out.append(tokenize_text(text_of(rec, self.text_field, path, line), self.tokenizer))
             else:
                 msgs = to_messages(rec, self.format, path, line, **self.fields)
-                out.append(tokenize_chat(msgs, self.tokenizer, f"{path}:{line}"))
+                out.append(tokenize_chat(msgs, self.tokenizer, f"{path}:{line}", last_only=self.loss_turns == "last"))
         return out
 
     def _pack(self, examples, name: str) -> list[Row]:

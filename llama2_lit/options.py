@@ -187,6 +187,48 @@ class Collect:
     engine: Engine
 
 
+# -- gatt, context_distill -------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class PromptSampling(Scoring):
+    """What stage=gatt and stage=context_distill share: answers sampled from the policy, then scored."""
+    num_samples: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    batch_size: int
+    device: str
+    num_threads: int | None
+    engine: Engine
+
+
+@dataclass(kw_only=True)
+class GAtt(PromptSampling):
+    """``gatt`` (conf/stage/gatt.yaml): Ghost Attention's dialogues and their sampling."""
+    scorer: Literal["gold", "rm", "rm_rule"]  # rm_rule: the world's rule check plus the reward model
+    dialogues: str
+    num_dialogues: int
+    turns: int
+    rows: Literal["every_turn", "last_turn"]
+    drop_broken: bool
+    replay: float
+
+
+# -- context_distill -------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ContextDistill(PromptSampling):
+    """``context_distill`` (conf/stage/context_distill.yaml): safety context distillation's prompts, sampling and
+    keep-rule."""
+    prompts: str
+    prompt_field: str
+    num_prompts: int | None
+    keep_rule: Literal["better", "all"]
+    bootstrap_sft_overrides: list[str]
+    anchor_prompts: str | None
+    anchor_num_prompts: int | None
+    anchor_prompt_field: str
+
+
 # -- pipeline --------------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class Pipeline:
@@ -208,6 +250,10 @@ class Pipeline:
     rs_overrides: list[str]
     rs_distill_overrides: list[str]
     ppo_overrides: list[str]
+    gatt_after: int | None         # Ghost Attention after this iteration (paper: V3); null: none
+    gatt_overrides: list[str]
+    context_distill_at: int | None  # safety context distillation in this iteration, after its RL steps; null: none
+    context_distill_overrides: list[str]
     evaluate: bool                 # world prompts: the held-out checks after the last iteration (eval/, overopt)
     compare_prompts: int
     compare_seed: int
@@ -218,7 +264,8 @@ class Pipeline:
 
 
 # a stage's own option group: present only under that stage (conf/stage/<name>.yaml, package _global_)
-GROUPS: dict[str, type] = {"ppo": PPO, "rs": RS, "collect": Collect, "pipeline": Pipeline}
+GROUPS: dict[str, type] = {"ppo": PPO, "rs": RS, "collect": Collect, "pipeline": Pipeline, "gatt": GAtt,
+                           "context_distill": ContextDistill}
 
 
 # -- checking --------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from llama2_lit.modules.reward import RewardModule
 from llama2_lit.modules.sft import RSDistillModule, SFTModule
 from llama2_lit.options import validate
 from llama2_lit.plan import plan_from_cfg
-from llama2_lit.stages import bootstrap, collect, pipeline, rs
+from llama2_lit.stages import bootstrap, collect, context_distill, gatt, pipeline, rs
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ STAGES: dict[str, Stage] = {
     "rs_distill": Stage(module=RSDistillModule, prepare=bootstrap.prepare_rs_distill),
     "ppo": Stage(module=PPOModule, prepare=bootstrap.prepare_ppo),
     "collect": Stage(runner=collect.run, prepare=bootstrap.prepare_collect),
+    "gatt": Stage(module=SFTModule, prepare=gatt.prepare),
+    "context_distill": Stage(module=SFTModule, prepare=context_distill.prepare),
     "pipeline": Stage(runner=pipeline.run),
 }
 

@@ -27,8 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-5
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-# 60 world examples -> 3 packed batches of 4 rows an epoch; 2 epochs; a step checkpoint every 2 steps
-SFT = ["stage=sft", "data.synthetic.num_train=60", "trainer.max_steps=-1", "stage.max_epochs=2",
+# 48 world examples (multi-turn and preprompted rows among them) -> 3 packed batches of 4 rows an epoch; 2 epochs;
+# a step checkpoint every 2 steps
+SFT = ["stage=sft", "data.synthetic.num_train=48", "trainer.max_steps=-1", "stage.max_epochs=2",
        "callbacks.checkpoint.every_n_steps=2"]
 # 12 micro-batches of 4 pairs over 2 epochs, 2 per optimizer step (6 steps)
 # 28 prompts: 12 micro-batches of 4 pairs over 2 epochs (prompts whose two answers tie give no pair)

@@ -153,10 +153,19 @@ SHRINK = {
             "trainer.max_steps=-1"],
     "collect": ["data.synthetic.num_train=8", "collect.max_new_tokens=4", "collect.batch_size=8", "collect.ties=keep"],
     "pipeline": ["pipeline.iterations=1"],
+    "gatt": ["gatt.num_dialogues=4", "gatt.turns=3", "gatt.num_samples=2", "gatt.max_new_tokens=4",
+             "callbacks.gatt_eval.dialogues=4", "callbacks.gatt_eval.turns=[1,3]", "stage.seq_len=128",
+             "callbacks.gatt_eval.single_turn_prompts=4", "gatt.drop_broken=false"],
+    "context_distill": ["context_distill.num_prompts=8", "context_distill.max_new_tokens=4",
+                        "context_distill.keep_rule=all", "context_distill.bootstrap_sft_overrides=[]",
+                        "callbacks.context_distill_eval.safety_prompts=4",
+                        "callbacks.context_distill_eval.ordinary_prompts=4", "context_distill.anchor_num_prompts=4",
+                        "stage.seq_len=128"],
 }
 # what each stage's bootstrap made (bootstrap.json; none: the stage needs nothing)
 MADE = {"rs": {"policy", "helpfulness", "safety"}, "rs_distill": {"policy", "helpfulness", "safety", "rs"},
-        "ppo": {"policy", "helpfulness", "safety"}, "collect": {"policy"}}
+        "ppo": {"policy", "helpfulness", "safety"}, "collect": {"policy"}, "gatt": {"policy"},
+        "context_distill": {"policy", "safety"}}
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,18 @@ from llama2_lit.scoring import folder_fingerprint
 
 log = logging.getLogger(__name__)
 REWARDS = ("helpfulness", "safety")
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def world_fingerprint() -> str:
+    """A hash of the world's sources and of ``conf/data/synthetic.yaml``: part of the bootstrap policy's folder name,
+    so that a policy trained on other world data (an older version of the project) is not reused."""
+    files = sorted((_ROOT / "llama2_lit" / "world").glob("*.py")) + [_ROOT / "conf" / "data" / "synthetic.yaml"]
+    h = hashlib.sha1()
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def _key(*parts) -> str:
@@ -91,7 +103,7 @@ class _Bootstrap:
         cfg = self.cfg
         if not cfg.model.get("path"):
             extra = self._extra("sft")
-            run_dir = self.root / f"sft_{cfg.model.name}_seed{cfg.seed}_{_key(extra)}"
+            run_dir = self.root / f"sft_{cfg.model.name}_seed{cfg.seed}_{_key(extra, world_fingerprint())}"
             with open_dict(cfg):
                 cfg.model.path = str(run_stage(run_dir, ["stage=sft", *self.common, *extra], "SFT policy (model.path)"))
             self.made["policy"] = cfg.model.path

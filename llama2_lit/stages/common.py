@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -16,8 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_modules.prompts import Prompt, PromptDataModule
 from llama2_lit.errors import UserError
+from llama2_lit.generation.engine import Engine
 from llama2_lit.models.loading import load_causal_lm
 from llama2_lit.models.tokenizers import folder_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -65,3 +70,31 @@ def derived_seed(*parts: Any) -> int:
     """A sampling seed from settings (62 bits of sha1 of ``"|".join(parts)``): the same parts, the same seed."""
     h = hashlib.sha1("|".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:8], "big") >> 2
+
+
+def sampled_rows(out: Path, settings: dict[str, Any], sample: Callable[[Path], dict[str, float]], what: str
+                 ) -> tuple[Path, dict[str, float]]:
+    """``out/rows.jsonl`` and its sampling's metrics: reused when ``out/sampling.json`` holds the same ``settings``
+    (a resumed run does not sample again), else ``sample(rows_path)`` writes the rows and returns the metrics, which
+    ``sampling.json`` then keeps with the settings' key (stage=gatt, stage=context_distill)."""
+    out.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    info_path, rows_path = out / "sampling.json", out / "rows.jsonl"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if info.get("key") == key and rows_path.is_file():
+        log.info("%s: reusing the sampled rows in %s", what, rows_path)
+        return rows_path, info.get("metrics") or {}
+    metrics = sample(rows_path)
+    info_path.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2) + "\n")
+    return rows_path, metrics
+
+
+def policy_engine(cfg: DictConfig, opts: DictConfig):
+    """``(engine, tokenizer, device)``: the policy ``cfg.model`` in eval mode on ``opts.device`` (auto: CUDA if any),
+    with ``opts.num_threads`` and ``opts.engine`` (stage=gatt, stage=context_distill)."""
+    device = torch.device(opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if opts.get("num_threads"):
+        torch.set_num_threads(int(opts.num_threads))
+    tok = instantiate(cfg.model.tokenizer)
+    policy, tok = load_policy(OmegaConf.to_container(cfg.model, resolve=True), tok, device)
+    return Engine(policy, tok, backend=opts.engine.backend, compile=bool(opts.engine.compile)), tok, device
