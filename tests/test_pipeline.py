@@ -108,6 +108,45 @@ def test_evaluation_steps(tmp_path):
         plan(opts(tmp_path, compare_seed=9), [], None)  # seed 7: the in-run evaluation uses 9
 
 
+def test_gatt_and_context_distillation_where_the_paper_runs_them(tmp_path):
+    """Context distillation inside iteration 2 after its RS / PPO steps, with that iteration's RMs; GAtt after
+    iteration 2 (the paper: V3); later iterations and the checks start from their outputs."""
+    t = str(tmp_path)
+    steps = plan(opts(tmp_path, iterations=3, ppo_from=2, gatt_after=2, context_distill_at=2), [], None)
+    kinds = [s.kind for s in steps if not s.kind.startswith("eval")]
+    per_it = ["collect", "rm_helpfulness", "rm_safety", "rs", "rs_distill"]
+    assert kinds == ["sft"] + per_it + per_it + ["ppo", "context_distill", "gatt"] + per_it + ["ppo"]
+    by = {s.name: s for s in steps}
+    cd, ga = by["v2/context_distill"], by["v2/gatt"]
+    assert arg(cd, "model.path") == f"{t}/v2/ppo/hf" and arg(cd, "context_distill.scorer") == "rm"
+    assert arg(cd, "context_distill.reward_models.safety") == f"{t}/v2/rm_safety/hf"
+    assert arg(ga, "model.path") == f"{t}/v2/context_distill/hf" and arg(ga, "gatt.scorer") == "rm_rule"
+    assert arg(ga, "gatt.reward_models.helpfulness") == f"{t}/v2/rm_helpfulness/hf"
+    assert arg(by["v3/collect"], "model.path") == f"{t}/v2/gatt/hf"
+    assert by["eval/compare"].overrides[:4] == [f"{t}/v0/sft/hf", f"{t}/v1/rs_distill/hf", f"{t}/v2/gatt/hf",
+                                                f"{t}/v3/ppo/hf"]
+    gold = {s.name: s for s in plan(opts(tmp_path, iterations=3, scorer="gold", gatt_after=3), [], None)}
+    assert arg(gold["v3/gatt"], "gatt.scorer") == "gold" and "v3/context_distill" not in gold
+    with pytest.raises(UserError, match=r"pipeline.gatt_after=4: not an iteration of this pipeline \(1..3\)"):
+        plan(opts(tmp_path, iterations=3, gatt_after=4), [], None)
+    # the report: adherence by turn before / after, and context distillation's figures
+    steps = plan(opts(tmp_path, iterations=1, ppo_from=9, gatt_after=1, context_distill_at=1, evaluate=False), [], None)
+    execute(steps, fake_runner([]), None)
+    (tmp_path / "v1/gatt/metrics.json").write_text(json.dumps(
+        {"gatt/adherence@turn2": 1.0, "gatt/adherence@turn20": 0.9, "gatt/adherence_init@turn2": 0.25,
+         "gatt/adherence_init@turn20": 0.0, "gatt/content_gold@turn2": 0.5, "gatt/content_gold_init@turn2": 0.4}))
+    (tmp_path / "v1/context_distill/metrics.json").write_text(json.dumps(
+        {"cd/gold_safety_init": 0.9, "cd/gold_safety": 1.0, "cd/gold_helpfulness_init": 0.45,
+         "cd/gold_helpfulness": 0.44, "cd/gold_helpfulness_diff": -0.01, "cd/gold_helpfulness_diff_se": 0.02,
+         "cd/dropped_fraction": 0.625, "cd/kept": 30}))
+    text, _ = report(steps, {s.name: 1.0 for s in steps}, tmp_path)
+    assert "| | turn 2 | turn 20 |" in text and "| before | 0.250 | 0.000 |" in text
+    assert "| after | 1.000 | 0.900 |" in text and "| content gold before | 0.400 | – |" in text
+    assert "rows kept 30, dropped by the keep-rule 0.625" in text
+    assert "| gold safety (greedy) | 0.900 | 1.000 |" in text and "| gold safety (T=1) | – | – |" in text
+    assert "| gold helpfulness, ordinary prompts | 0.450 | 0.440 (paired diff -0.010 ± 0.020) |" in text
+
+
 def fake_runner(calls, crash_at=None):
     def runner(step, extra):
         calls.append((step.name, tuple(extra)))

@@ -11,6 +11,8 @@ SFT on the demonstrations (skipped when ``model.path`` is given), then per itera
     rs           K samples per prompt scored by the new RMs into the bag of all iterations   v<k>/rs
     rs_distill   fine-tune the latest policy on the best sample per prompt          v<k>/rs_distill/hf
     ppo          from iteration ``ppo_from`` on (paper: V4), PPO from the RS checkpoint       v<k>/ppo/hf
+    context_distill   in iteration ``context_distill_at``: safety context distillation (§4.2.4)   v<k>/context_distill/hf
+    gatt         after iteration ``gatt_after`` (paper: V3): Ghost Attention (§3.3)  v<k>/gatt/hf
 
 Every step is its own ``python -m llama2_lit`` run in ``<root>/v<k>/<step>/`` (its log, config, metrics); later steps
 find earlier outputs by these names. A step whose ``metrics.json`` exists is finished and never rerun, so a killed
@@ -131,6 +133,27 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
                                f"ppo.reward_models.safety={rms['safety']}", f"ppo.scorer={scorer}", *extra("ppo")],
                               str(d / "hf")))
             policy = str(d / "hf")
+        if p.get("context_distill_at") is not None and k == int(p["context_distill_at"]):
+            d = v / "context_distill"  # the paper: on the safety prompts, with the iteration's safety RM
+            steps.append(Step(f"v{k}/context_distill", k, "context_distill", d,
+                              ["stage=context_distill", *common, f"model.path={policy}",
+                               f"context_distill.scorer={scorer}",
+                               f"context_distill.reward_models.helpfulness={rms['helpfulness']}",
+                               f"context_distill.reward_models.safety={rms['safety']}", *extra("context_distill")],
+                              str(d / "hf")))
+            policy = str(d / "hf")
+        if p.get("gatt_after") is not None and k == int(p["gatt_after"]):
+            d = v / "gatt"  # the paper: after RLHF V3. rm: the world's rule checks plus the RM (stages/gatt.py)
+            steps.append(Step(f"v{k}/gatt", k, "gatt", d,
+                              ["stage=gatt", *common, f"model.path={policy}",
+                               f"gatt.scorer={'gold' if scorer == 'gold' else 'rm_rule'}",
+                               f"gatt.reward_models.helpfulness={rms['helpfulness']}", *extra("gatt")],
+                              str(d / "hf")))
+            policy = str(d / "hf")
+    for key in ("gatt_after", "context_distill_at"):
+        at = p.get(key)
+        if at is not None and not 1 <= int(at) <= int(p["iterations"]):
+            raise UserError(f"pipeline.{key}={at}: not an iteration of this pipeline (1..{p['iterations']})")
     if p.get("evaluate", True) and not _other_prompts(p, common, ("common", "collect", "rs", "ppo", "sft")):
         steps += evaluation_steps(p, steps, model_path)
     return steps
@@ -161,16 +184,15 @@ def evaluation_steps(p: dict[str, Any], steps: Sequence[Step], model_path: str |
     """
     root, ev = Path(p["root"]), Path(p["root"]) / "eval"
     policies = [str(model_path)] if model_path else []
-    rms, ppo_dir = {}, None
+    rms, ppo_dir, last_policy = {}, None, {}
     for s in steps:
-        if s.kind in ("sft", "rs_distill", "ppo") and s.policy_out:
-            if s.kind == "rs_distill" and any(t.kind == "ppo" and t.iteration == s.iteration for t in steps):
-                continue  # the iteration's policy is its PPO output
-            policies.append(s.policy_out)
+        if s.policy_out:  # an iteration's policy is its last step's that makes one (rs_distill, ppo, cd, gatt)
+            last_policy[s.iteration] = s.policy_out
         if s.kind == "rm_helpfulness":
             rms[s.iteration] = str(s.dir / "hf")
         if s.kind == "ppo":
             ppo_dir = s.dir
+    policies += [last_policy[k] for k in sorted(last_policy)]
     scored = {}  # iteration k -> the policy its RM scored (the policy at the start of iteration k)
     for s in steps:
         if s.kind == "collect":
@@ -348,7 +370,7 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
             lines += ["", f"Room for RLHF: {r.get('policy')} answers held-out prompts with gold {f(r.get('gold_helpfulness'))} "
                       f"(greedy) and {f(r.get('gold_sampled'))} (T=1); the best of {int(r['oracle_k'])} T=1 samples by "
                       f"the gold oracle (a perfect RM) scores {gold(r, 'oracle_best', 'oracle_best_se')}."]
-    lines += _compare_lines(root) + _overopt_lines(root, scorer)
+    lines += _compare_lines(root) + _overopt_lines(root, scorer) + _stage_lines(steps)
     lines += ["", "Helpfulness RM accuracy by rating bucket (Table 8's columns):", "",
               "| iteration | " + " | ".join(BUCKETS) + " |", "|---|" + "---|" * len(BUCKETS)]
     for r in rows:
@@ -392,6 +414,37 @@ def _compare_lines(root: Path) -> list[str]:
         short = str(Path(name).relative_to(root)) if Path(name).is_relative_to(root) else name
         lines.append(f"| {short} | {m['greedy']:.4f} | {m['sampled']:.4f} | {m['gold_safety']:.4f} | {diff('greedy')} | "
                      f"{diff('sampled')} |")
+    return lines
+
+
+def _stage_lines(steps: Sequence[Step]) -> list[str]:
+    """Ghost Attention's adherence by turn (Table 30's layout) and context distillation's before / after figures,
+    for the steps that ran."""
+    def v(m, key):
+        x = m.get(key)
+        return "–" if x is None else f"{x:.3f}"
+    lines = []
+    for s in steps:
+        m = _metrics(s)
+        if s.kind == "gatt" and m:
+            turns = sorted({int(k.split("@turn")[1]) for k in m if k.startswith("gatt/adherence@turn")})
+            lines += ["", f"Ghost Attention ({s.name}): instruction adherence by turn, the instruction on the first "
+                      "turn only, greedy answers to held-out world dialogues (paper, Table 30: baseline 100 / 10 / 0 "
+                      "/ 0 %, GAtt 100 % at turns 2 / 4 / 6 / 20):", "",
+                      "| | " + " | ".join(f"turn {t}" for t in turns) + " |", "|---|" + "---|" * len(turns),
+                      "| before | " + " | ".join(v(m, f"gatt/adherence_init@turn{t}") for t in turns) + " |",
+                      "| after | " + " | ".join(v(m, f"gatt/adherence@turn{t}") for t in turns) + " |",
+                      "| content gold before | " + " | ".join(v(m, f"gatt/content_gold_init@turn{t}") for t in turns)
+                      + " |",
+                      "| content gold after | " + " | ".join(v(m, f"gatt/content_gold@turn{t}") for t in turns) + " |"]
+        if s.kind == "context_distill" and m:
+            lines += ["", f"Safety context distillation ({s.name}; rows kept {int(m.get('cd/kept', 0))}, dropped by the "
+                      f"keep-rule {v(m, 'cd/dropped_fraction')}):", "", "| | before | after |", "|---|---|---|",
+                      f"| gold safety (greedy) | {v(m, 'cd/gold_safety_init')} | {v(m, 'cd/gold_safety')} |",
+                      f"| gold safety (T=1) | {v(m, 'cd/gold_safety_sampled_init')} | {v(m, 'cd/gold_safety_sampled')} |",
+                      f"| gold helpfulness, ordinary prompts | {v(m, 'cd/gold_helpfulness_init')} | "
+                      f"{v(m, 'cd/gold_helpfulness')} (paired diff {v(m, 'cd/gold_helpfulness_diff')} ± "
+                      f"{v(m, 'cd/gold_helpfulness_diff_se')}) |"]
     return lines
 
 
