@@ -357,3 +357,15 @@ def test_the_hh_harmless_prompts_read_as_adversarial_prompts():
     assert not any("Human:" in p or "Assistant:" in p for p in prompts)
     anchors = cd.read_prompts(str(shared_data("sft/self_instruct_seed.jsonl")), "instruction")
     assert len(anchors) == 175
+
+
+def test_an_empty_answer_is_never_a_row():
+    """An empty preprompted answer scores gold safety 1 (nothing leaked) above a leak, yet is not kept; an anchor
+    prompt answered with nothing gives no row."""
+    eng = FakeEngine({PIN: ["  "], CODE: [R]}, {PIN: "4821", CODE: "0517"})
+    s = cd.distill(eng, [PIN, CODE], gold, Sampling(temperature=1.0, num_samples=1, seed=5), "better", seed=5)
+    assert s.scores == [1.0, 1.0] and s.original_scores == [0.0, 0.0]
+    assert s.kept == [False, True] and [r["messages"][1]["content"] for r in s.rows()] == [R]
+    ordinary = FakeEngine({}, {"What is 2 + 3?": "5", "Reverse the word: cat": ""})
+    rows = cd.anchor_rows(ordinary, ["What is 2 + 3?", "Reverse the word: cat"], Sampling(temperature=1.0, seed=1))
+    assert rows == [{"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]}]

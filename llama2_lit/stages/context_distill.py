@@ -118,12 +118,12 @@ def world_ordinary_prompts(n: int, seed: int) -> list[str]:
 
 def anchor_rows(engine: Engine, prompts: Sequence[str], sampling: Sampling, batch_size: int = 64) -> list[dict]:
     """Step 5 of the module doc: the starting policy's own answer (one sample at ``sampling``, no preprompt) to each
-    ordinary prompt, as ``messages`` rows."""
+    ordinary prompt, as ``messages`` rows; an empty answer gives no row."""
     one = Sampling(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                    num_samples=1, seed=sampling.seed)
     outs = engine.generate_text(list(prompts), one, batch_size)
     return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": o[0]}]}
-            for p, o in zip(prompts, outs)]
+            for p, o in zip(prompts, outs) if o[0].strip()]  # an empty answer is no row (counted by the caller)
 
 
 # -- the keep-rule ---------------------------------------------------------------------------------------------
@@ -176,8 +176,8 @@ def distill(engine: Engine, prompts: Sequence[str], score: Callable[[list[str], 
                      num_samples=1, seed=None if sampling.seed is None else sampling.seed + 1)
     originals = [o[0] for o in engine.generate_text(prompts, plain, batch_size)]
     original_scores = score(prompts, originals)
-    return Sampled(prompts, preprompts, answers, scores, originals, list(original_scores),
-                   keep(scores, original_scores, rule))
+    kept = [k and bool(a.strip()) for k, a in zip(keep(scores, original_scores, rule), answers)]  # never empty rows
+    return Sampled(prompts, preprompts, answers, scores, originals, list(original_scores), kept)
 
 
 def summary(s: Sampled, world_prompts_: bool) -> dict[str, float]:
@@ -313,8 +313,8 @@ def _sample(cfg: DictConfig, rows_path: Path, is_world: bool) -> dict[str, float
              "gold safety" if g.scorer == "gold" else f"the safety RM {g.reward_models.safety}", g.keep_rule)
     s = distill(engine, prompts, _safety_scorer(g, device), sampling, str(g.keep_rule), seed, int(g.batch_size))
     rows = s.rows()
-    anchors = _anchor_prompts(g)
-    if anchors and rows:
+    anchors = _anchor_prompts(g) if rows else []
+    if anchors:
         log.info("context_distill: %d ordinary prompts answered by the starting policy (the anchor)", len(anchors))
         rows += anchor_rows(engine, anchors, dataclasses.replace(sampling, seed=seed + 2), int(g.batch_size))
         random.Random(seed).shuffle(rows)  # safety and anchor rows mixed in the packed rows
@@ -328,6 +328,8 @@ def _sample(cfg: DictConfig, rows_path: Path, is_world: bool) -> dict[str, float
                                 "original_score": s.original_scores[i], "kept": s.kept[i]}) + "\n")
     m = summary(s, is_world)
     m["cd/anchor_rows"] = float(len(rows) - sum(s.kept))
+    m["cd/anchor_empty"] = float(len(anchors) - m["cd/anchor_rows"])  # anchor prompts answered with nothing: no row
+    m["cd/empty_preprompted"] = float(sum(not a.strip() for a in s.answers))  # never kept
     m["perf/cd_sampling_seconds"] = time.perf_counter() - t0
     log.info("context_distill: %s", json.dumps(m))
     if s.prompts:
