@@ -100,3 +100,22 @@ def test_value_loss_clips_the_update():
     # token 1: unclipped (1-1)^2 = 0, clipped (0.2-1)^2 = 0.64 -> 0.64; token 2: (0.1-1)^2 = 0.81 both ways
     got = value_loss(values, old, returns, torch.ones(1, 2, dtype=torch.bool), clip=0.2)
     assert got.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2, abs=1e-6)
+
+
+def test_warm_up_from_a_ratio_rounds_up_in_every_stage():
+    """50 steps x 3% = 1.5 warm-up steps: 2 (ceil), so the lr after one step is half the peak (int gave 1 step:
+    the full peak at once). One rounding for SFT, RS fine-tuning and the RM (issue 18)."""
+    import torch
+
+    from llama2_lit.modules.optim import adamw_cosine
+
+    model = torch.nn.Linear(2, 2)
+    conf = adamw_cosine(model, total_steps=50, lr=1e-3, warmup_ratio=0.03)
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert opt.param_groups[0]["lr"] == 0.0
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)

@@ -4,7 +4,8 @@ learning rates (:func:`adamw_per_model`)."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+import math
+from typing import Sequence
 
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -26,15 +27,16 @@ def decay_groups(model: torch.nn.Module, weight_decay: float, **group) -> list[d
 
 def adamw_cosine(model: torch.nn.Module, total_steps: int, lr: float, weight_decay: float = 0.1,
                  betas=(0.9, 0.95), eps: float = 1e-8, warmup_steps: int = 0, warmup_ratio: float = 0.0,
-                 min_lr_ratio: float = 0.0, warmup_round: Callable[[float], int] = int) -> dict:
+                 min_lr_ratio: float = 0.0) -> dict:
     """Lightning's ``configure_optimizers`` dict: AdamW + per-step cosine schedule to ``min_lr_ratio * lr``.
 
-    Warm-up lasts ``max(warmup_steps, warmup_round(warmup_ratio * total_steps))`` steps, capped at ``total_steps``
-    (SFT rounds down; the reward model rounds up, ``math.ceil``: the paper's "3%, at least 5"). Logs the plan.
+    Warm-up lasts ``max(warmup_steps, ceil(warmup_ratio * total_steps))`` steps, capped at ``total_steps``: one
+    rounding for every stage (a ratio never rounds to less warm-up than it asks; the reward model's "3%, at least 5").
+    Logs the plan.
     """
     opt = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
     total = max(1, int(total_steps))
-    warmup = min(total, max(int(warmup_steps), warmup_round(warmup_ratio * total)))
+    warmup = min(total, max(int(warmup_steps), math.ceil(warmup_ratio * total)))
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total,
                                                         min_lr_rate=min_lr_ratio)
     log.info("optimizer: %d steps, %d warm-up, lr %.3g -> %.3g", total, warmup, lr, lr * min_lr_ratio)

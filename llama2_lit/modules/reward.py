@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -116,7 +115,7 @@ class RewardModule(L.LightningModule):
         hp = self.hparams
         return adamw_cosine(self.model, self.trainer.estimated_stepping_batches, lr=hp.lr,
                             weight_decay=hp.weight_decay, betas=hp.betas, eps=hp.eps, warmup_steps=hp.warmup_steps,
-                            warmup_ratio=hp.warmup_ratio, min_lr_ratio=hp.min_lr_ratio, warmup_round=math.ceil)
+                            warmup_ratio=hp.warmup_ratio, min_lr_ratio=hp.min_lr_ratio)
 
     def export(self, path: str | Path) -> Path:
         """Save ``hf/``: a ``LlamaForSequenceClassification`` (num_labels 1, pad token id set) + tokenizer.
