@@ -44,14 +44,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from data_modules.preferences import RATINGS, UNKNOWN, parse_rating
+from data_modules.preferences import RATINGS, SAFETY_LABELS, UNKNOWN, parse_rating, safety_bin
 from data_modules.sources import brief, iter_jsonl, lone_surrogate
 from data_modules.synthetic_pairs import DEFAULT_THRESHOLDS, annotate
 from llama2_lit.errors import DataError, UserError
 from llama2_lit.world import oracle as world
 
 CHOICES = ("a", "b")
-SAFETY_LABELS = ("preferred_safe_other_unsafe", "both_safe", "both_unsafe")
 FIELDS = ("id", "prompt_id", "prompt", "is_safety", "response_a", "response_b", "source_a", "source_b", "choice",
           "rating", "safety_label")
 PAIR_FIELDS = ("id", "prompt_id", "prompt", "chosen", "rejected", "rating", "is_safety", "safety_label",
@@ -321,8 +320,7 @@ def simulate_row(row: Mapping[str, Any], *, seed: int = 0, thresholds: Mapping[s
         label = None
         if is_safety:
             c_safe, o_safe = s[ci] >= safe_threshold, s[oi] >= safe_threshold
-            label = ("both_safe" if c_safe and o_safe else "preferred_safe_other_unsafe" if c_safe
-                     else "both_unsafe" if not o_safe else None)
+            label = safety_bin(c_safe, o_safe)
         if is_safety and label is None:
             outcome = "unsafe_preferred"
         else:

@@ -14,6 +14,7 @@ A batch (``collate_pairs``), B pairs padded on the right to one common length T:
     margin                                       (B,) float32, the loss margin m(rating)
     rating                                       list[str] of B bucket names
     is_safety                                    (B,) bool
+    safety_label                                 list of B safety bins (Table 29) or None
 
 Usable on its own::
 
@@ -94,6 +95,7 @@ class EncodedPair:
     margin: float
     rating: str
     is_safety: bool
+    safety_label: str | None = None  # Table 29's bin (data_modules.preferences.SAFETY_LABELS) or None
 
     @property
     def length(self) -> int:
@@ -135,7 +137,7 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer, *, max_length: int,
         if c.ids == r.ids:  # distinct answers that tokenize (or truncate) to the same ids carry no signal
             counts["dropped_identical_tokens"] += 1
             continue
-        out.append(EncodedPair(c.ids, r.ids, p.margin_value(margin), p.rating, p.is_safety))
+        out.append(EncodedPair(c.ids, r.ids, p.margin_value(margin), p.rating, p.is_safety, p.safety_label))
     return out, dict(counts)
 
 
@@ -167,6 +169,7 @@ def collate_pairs(rows: Sequence[EncodedPair], pad_id: int, pad_to: int | None =
         "margin": torch.tensor([r.margin for r in rows], dtype=torch.float32),  # (B,)
         "rating": [r.rating for r in rows],
         "is_safety": torch.tensor([r.is_safety for r in rows], dtype=torch.bool),
+        "safety_label": [r.safety_label for r in rows],
     }
 
 
@@ -426,6 +429,8 @@ class PairwiseDataModule(L.LightningDataModule):
         self.stats[f"data/{what}/pairs"] = len(enc)
         for b, n in Counter(p.rating for p in enc).items():
             self.stats[f"data/{what}/rating/{b}"] = n
+        for b, n in Counter(p.safety_label for p in enc if p.safety_label).items():
+            self.stats[f"data/{what}/safety_label/{b}"] = n
         if counts.get("truncated_pairs"):
             log.warning("%s: %d of %d pairs truncated to max_length=%d (%d prompt tokens cut from the left, %d answer "
                         "tokens from the right)", what, counts["truncated_pairs"], len(pairs), self.max_length,

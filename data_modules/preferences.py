@@ -23,7 +23,8 @@ Record formats accepted by :func:`to_pair` (``fmt``):
 
 Optional fields in every format: ``rating`` (see :func:`parse_rating`; missing/null -> ``"unknown"``),
 ``is_safety`` (bool or 0/1; default from the reader), ``margin`` (number; overrides the preset),
-``source`` (string; overrides the reader's default source name).
+``source`` (string; overrides the reader's default source name), ``safety_label`` (the paper's three safety bins,
+:data:`SAFETY_LABELS`, on safety pairs; null -> none: the pair is in no bin).
 """
 from __future__ import annotations
 
@@ -55,6 +56,30 @@ _RATING_INTS = {3: "significantly_better", 2: "better", 1: "slightly_better", 0:
 _VALID_RATINGS_TEXT = (
     ", ".join(RATINGS) + ", unsure (= negligibly_better), or an integer 3..0 (3 = significantly_better)"
 )
+
+# Llama 2 Table 29's safety bins of a safety pair: the chosen answer safe and the rejected one not, both safe, both
+# unsafe. A chosen unsafe answer over a safe one is not a bin: the paper excludes such pairs.
+SAFETY_LABELS = ("preferred_safe_other_unsafe", "both_safe", "both_unsafe")
+
+
+def safety_bin(chosen_safe: bool, rejected_safe: bool) -> str | None:
+    """The safety bin of a pair from its answers' safety; None for an unsafe answer chosen over a safe one."""
+    if chosen_safe:
+        return "both_safe" if rejected_safe else "preferred_safe_other_unsafe"
+    return None if rejected_safe else "both_unsafe"
+
+
+def parse_safety_label(value: Any) -> str | None:
+    """A safety label normalised to one of :data:`SAFETY_LABELS` (case, spaces and hyphens ignored), or None for
+    None/``""``; anything else raises ``ValueError`` listing the valid labels."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        key = re.sub(r"[\s\-]+", "_", value.strip().lower())
+        if key in SAFETY_LABELS:
+            return key
+    raise ValueError(f"unknown safety label {brief(value)} (expected one of: {', '.join(SAFETY_LABELS)}, or null)")
+
 
 FORMATS = ("auto", "flat", "messages", "hh")
 ROLES = ("system", "user", "assistant")
@@ -112,6 +137,7 @@ class PreferencePair:
     margin: float | None  # explicit margin if the row had one (overrides the preset)
     source: str  # a `source` field, else the reader's name for the file
     where: str  # "path:line" for error messages
+    safety_label: str | None = None  # one of SAFETY_LABELS (Table 29's bins), or None: in no bin
 
     def margin_value(self, preset: str) -> float:
         """The explicit margin if the row had one, else the preset's margin for the rating."""
@@ -387,7 +413,7 @@ def to_pair(
 
     Raises :class:`PairError` (a :class:`DataError`: ``path:line: field 'x' message``) for a missing
     field, a wrong type, an empty chosen/rejected answer, chosen == rejected, an unknown rating, a bad
-    ``is_safety``/``margin``, or an HH transcript without an Assistant turn / without a shared dialogue.
+    ``is_safety``/``margin``/``safety_label``, or an HH transcript without an Assistant turn / without a shared dialogue.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown preference format {fmt!r} (expected one of: {', '.join(FORMATS)})")
@@ -397,11 +423,15 @@ def to_pair(
     prompt, chosen, rejected = _CONVERSATIONS[kind](record, path, line)
     _check_conversation(prompt, chosen, rejected, path, line)
     rating, is_safety, margin = _labels(record, default_is_safety, path, line)
+    try:
+        label = parse_safety_label(record.get("safety_label"))
+    except ValueError as e:
+        raise _err(path, line, "safety_label", str(e), "unknown_safety_label") from None
     src = record.get("source")
     if not isinstance(src, str) or not src:
         src = source if source is not None else (Path(str(path)).name if path is not None else "")
     where = f"{path if path is not None else '<data>'}" + (f":{line}" if line is not None else "")
-    return PreferencePair(prompt, chosen, rejected, rating, is_safety, margin, src, where)
+    return PreferencePair(prompt, chosen, rejected, rating, is_safety, margin, src, where, label)
 
 
 def read_pairs(
@@ -487,6 +517,7 @@ def mix_for_reward(
     seed: int,
     helpful_other_ratio: float = 1.0,
     safety_helpful_ratio: float = 0.1,
+    safety_helpful_pools: Sequence[str] = ("helpfulness", "other"),
 ) -> tuple[list, dict]:
     """The reward-model training mixtures of Llama 2 section 3.2.2.
 
@@ -494,9 +525,11 @@ def mix_for_reward(
     (rounding half up)
     pairs sampled without replacement from ``safety`` and, separately, ``k`` from ``other`` (each
     capped at the pool's size, so a short pool gives fewer: the counts say how many).
-    ``reward="safety"``: every safety pair, plus ``min(len(helpful), round(n_s * r / (1 - r)))`` helpful
-    pairs, ``r = safety_helpful_ratio`` (0.1 -> the paper's 90/10 mix); ``other`` is not used (put
-    open-source helpfulness data in ``helpful`` and Anthropic Harmless in ``safety``).
+    ``reward="safety"``: every safety pair, plus ``k = round(n_s * r / (1 - r))`` helpfulness pairs,
+    ``r = safety_helpful_ratio`` (0.1 -> the paper's 90/10 mix), sampled without replacement from the pools named
+    in ``safety_helpful_pools`` taken together (capped at their size). The default ``("helpfulness", "other")``
+    follows the paper: "mixed with Meta Helpfulness and open-source helpfulness data in a 90/10 proportion";
+    ``("helpfulness",)`` draws the 10% from ``helpful`` alone (this module's reading before issue 18).
 
     Sampling uses ``random.Random(f"{seed}:{pool}")`` per pool, and the result is shuffled with
     ``random.Random(f"{seed}:mix")``, so it is deterministic for ``seed``. Returns ``(pairs, counts)``,
@@ -514,10 +547,17 @@ def mix_for_reward(
     else:
         if not 0 <= safety_helpful_ratio < 1:
             raise ValueError(f"safety_helpful_ratio must be in [0, 1), got {safety_helpful_ratio}")
+        bad = [x for x in safety_helpful_pools if x not in ("helpfulness", "other")]
+        if bad or not safety_helpful_pools:
+            raise ValueError(f"safety_helpful_pools must name helpfulness and/or other, got {list(safety_helpful_pools)}")
         s = list(safety)
         k = _round_half_up(len(s) * safety_helpful_ratio / (1 - safety_helpful_ratio))
-        h = _sample(helpful, min(len(helpful), k), seed, "helpfulness")
-        o = []
+        # one draw from the named pools together (tagged by pool), so each pool contributes by its size
+        pool = ([(0, x) for x in helpful] if "helpfulness" in safety_helpful_pools else []) + (
+            [(1, x) for x in other] if "other" in safety_helpful_pools else [])
+        drawn = _sample(pool, min(len(pool), k), seed, "helpfulness")
+        h = [x for tag, x in drawn if tag == 0]
+        o = [x for tag, x in drawn if tag == 1]
     mixed = h + s + o
     random.Random(f"{seed}:mix").shuffle(mixed)
     counts = {"helpfulness": len(h), "safety": len(s), "other": len(o), "total": len(mixed)}

@@ -13,11 +13,14 @@ annotator (:func:`annotate`) then
   for ``significantly_better``, ``better``, ``slightly_better``; below that ``negligibly_better``);
   equal gold scores carry no preference and are dropped (``ties: drop``, counted), or kept as
   ``negligibly_better`` with a random choice (``ties: keep``, the paper's "unsure");
-* flips the choice with probability ``label_noise`` (annotator error; the rating is kept).
+* flips the choice with probability ``label_noise`` (annotator error; the rating is kept);
+* labels each safety pair with its safety bin (Table 29: ``preferred_safe_other_unsafe``, ``both_safe``,
+  ``both_unsafe``; an answer is safe when its gold safety is 1, it leaks nothing), from the answers' gold safety; a
+  pair whose label noise chose the unsafe answer over the safe one is in no bin (``safety_label`` null).
 
 Identical or empty responses are drawn again up to ``max_tries`` draws in all (:func:`draw_pairs`, which
 ``stage=collect`` shares), then counted (``unpaired``) and left out. The pairs are
-written as flat JSONL (``prompt``, ``chosen``, ``rejected``, ``rating``, ``is_safety`` plus the gold
+written as flat JSONL (``prompt``, ``chosen``, ``rejected``, ``rating``, ``is_safety``, ``safety_label`` plus the gold
 scores for inspection) under a cache folder keyed by every setting and the policy's files, and copied
 to ``<run_dir>/pairs/{train,val}.jsonl``.
 """
@@ -35,14 +38,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from data_modules.preferences import RATINGS
+from data_modules.preferences import RATINGS, SAFETY_LABELS, safety_bin
 from llama2_lit.world import oracle as world
 from llama2_lit.errors import UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = {"significantly_better": 0.5, "better": 0.25, "slightly_better": 0.15}
-_VERSION = 2
+_VERSION = 3  # 3: safety_label on safety pairs
+SAFE = 1.0  # an answer is safe when its gold safety is at least this (it leaks no part of the secret)
 
 
 def rate(gap: float, thresholds: Mapping[str, float] = DEFAULT_THRESHOLDS) -> str:
@@ -74,9 +78,11 @@ def annotate(prompt: str, a: str, b: str, rng: random.Random, *, thresholds: Map
     if flipped:
         chosen, rejected = rejected, chosen
     c_is_a = a_first != flipped
+    sc, sr = (sa, sb) if c_is_a else (sb, sa)
     return {
         "prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rate(abs(gap), thresholds),
         "is_safety": is_safety, "source": "synthetic", "gold_gap": abs(gap), "label_flipped": flipped,
+        "safety_label": safety_bin(sc >= SAFE, sr >= SAFE) if is_safety else None,
         "gold_helpfulness": [ha, hb] if c_is_a else [hb, ha], "gold_safety": [sa, sb] if c_is_a else [sb, sa],
     }
 
@@ -167,6 +173,9 @@ def make_pairs(tasks: Sequence[world.Task], sampler, rng: random.Random, *, max_
     }
     for r in RATINGS:
         stats[f"rating/{r}"] = sum(x["rating"] == r for x in out)
+    for b in SAFETY_LABELS:
+        stats[f"safety_label/{b}"] = sum(x["safety_label"] == b for x in out)
+    stats["safety_label/none"] = sum(x["is_safety"] and x["safety_label"] is None for x in out)
     return out, stats
 
 

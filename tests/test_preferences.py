@@ -341,6 +341,29 @@ def test_mix_safety_counts():
     assert counts["helpfulness"] == 45
 
 
+def test_mix_safety_draws_its_helpfulness_share_from_both_helpfulness_pools():
+    # paper: "mixed with Meta Helpfulness and open-source helpfulness data in a 90/10 proportion"
+    helpful = [f"h{i}" for i in range(30)]
+    other = [f"o{i}" for i in range(30)]
+    safety = [f"s{i}" for i in range(90)]
+    mixed, counts = mix_for_reward(helpful, safety, other, reward="safety", seed=1)
+    assert counts["safety"] == 90 and counts["helpfulness"] + counts["other"] == 10 and counts["total"] == 100
+    assert counts["helpfulness"] > 0 and counts["other"] > 0  # 10 of 60, drawn together: P(all from one) < 0.002
+    assert sum(x.startswith("o") for x in mixed) == counts["other"]
+    # the earlier reading, kept as an option: the 10% from Meta-style helpfulness pairs only
+    _, counts = mix_for_reward(helpful, safety, other, reward="safety", seed=1, safety_helpful_pools=["helpfulness"])
+    assert (counts["helpfulness"], counts["other"]) == (10, 0)
+    _, counts = mix_for_reward(helpful, safety, other, reward="safety", seed=1, safety_helpful_pools=["other"])
+    assert (counts["helpfulness"], counts["other"]) == (0, 10)
+    with pytest.raises(ValueError, match="safety_helpful_pools"):
+        mix_for_reward(helpful, safety, other, reward="safety", seed=1, safety_helpful_pools=["safety"])
+
+
+def test_the_safety_reward_config_mixes_open_source_helpfulness_in(make_cfg):
+    cfg = make_cfg("stage=rm", "reward=safety", small=False)
+    assert list(cfg.reward.mixture.safety_helpful_pools) == ["helpfulness", "other"]
+
+
 def test_mix_is_deterministic():
     helpful = list(range(50))
     safety = list(range(100, 300))

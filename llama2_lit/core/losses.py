@@ -62,6 +62,33 @@ def ranking_loss(
     return -F.logsigmoid(diff).mean()
 
 
+def safety_aux_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_safe: torch.Tensor,
+                    rejected_safe: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """An auxiliary safety loss for the safety RM (Llama 2 Table 29 ablates one; the paper gives no formula).
+
+    Our choice: the RM's score read on the sigmoid scale as the probability that the answer is safe, trained with
+    binary cross-entropy on every answer whose safety is known::
+
+        L_aux = mean over labelled pairs i and sides s in {chosen, rejected} of
+                -[y_is log σ(r_is) + (1 - y_is) log(1 - σ(r_is))]
+
+    ``y = 1`` for a safe answer, 0 for an unsafe one (from the pair's safety bin). It pulls unsafe answers below 0.5,
+    the point where Table 29 measures the unsafe-response recall, and safe ones above. All arguments (B,);
+    ``chosen_safe``/``rejected_safe`` float 0/1, ``labelled`` bool (pairs without a safety bin are left out).
+    No labelled pair: 0, still attached to the graph.
+    """
+    for name, x in (("rejected_rewards", rejected_rewards), ("chosen_safe", chosen_safe),
+                    ("rejected_safe", rejected_safe), ("labelled", labelled)):
+        if chosen_rewards.dim() != 1 or x.shape != chosen_rewards.shape:
+            raise ValueError(f"safety_aux_loss: chosen_rewards {tuple(chosen_rewards.shape)} and {name} "
+                             f"{tuple(x.shape)} must both have shape (B,)")
+    if not bool(labelled.any()):
+        return (chosen_rewards.float() * 0).sum()
+    scores = torch.cat([chosen_rewards.float()[labelled], rejected_rewards.float()[labelled]])
+    targets = torch.cat([chosen_safe.float()[labelled], rejected_safe.float()[labelled]]).to(scores.device)
+    return F.binary_cross_entropy_with_logits(scores, targets)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over positions where ``mask`` is true. x, mask: (B, T). Returns a scalar."""
     mask = mask.to(x.dtype)

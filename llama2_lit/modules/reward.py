@@ -11,7 +11,7 @@ import torch
 from callbacks.rating_buckets import RatingBucketAccuracy, RatingBucketCallback
 from data_modules.pairwise import concat_pairs
 from llama2_lit.errors import UserError
-from llama2_lit.core.losses import ranking_loss
+from llama2_lit.core.losses import ranking_loss, safety_aux_loss
 from llama2_lit.models.loading import model_dtype
 from llama2_lit.models.lora import merge_lora
 from llama2_lit.models.reward import export_reward_model, load_reward_model, rewards, score
@@ -44,12 +44,19 @@ class RewardModule(L.LightningModule):
         freeze_layers: freeze embeddings and the lowest N decoder layers (negative: all but the top -N);
             null = ``model_cfg.freeze_layers`` or 0.
         reward_name, margin: recorded in the exported ``config.json`` (``llama2_lit``), nothing else.
+        safety_aux_weight: w > 0 adds ``w x`` :func:`llama2_lit.core.losses.safety_aux_loss` (binary cross-entropy of
+            σ(r) against each answer's safety, from the pairs' safety bins) to the ranking loss; logged as
+            ``train/safety_aux_loss``. 0 (default): the ranking loss alone. Table 29's ablation.
+
+    Validation also feeds the pairs' ``is_safety`` and ``safety_label`` to the metric: ``val/accuracy/pool/<pool>``
+    (Table 7), ``val/accuracy/safety_bin/<bin>`` and ``val/unsafe_recall`` (Table 29).
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], tokenizer=None, lr: float = 1e-5, weight_decay: float = 0.1,
                  betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-5, warmup_steps: int = 5,
                  warmup_ratio: float = 0.03, min_lr_ratio: float = 0.1, pairs_per_step: int = 512,
-                 freeze_layers: int | None = None, reward_name: str | None = None, margin: str | None = None):
+                 freeze_layers: int | None = None, reward_name: str | None = None, margin: str | None = None,
+                 safety_aux_weight: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
@@ -80,6 +87,13 @@ class RewardModule(L.LightningModule):
         margin = batch.get("margin")
         loss = ranking_loss(chosen, rejected, None if margin is None else margin.to(chosen.device))
         b = chosen.shape[0]
+        w = float(self.hparams.get("safety_aux_weight") or 0.0)
+        if w > 0:
+            aux = safety_aux_loss(chosen, rejected, *safety_targets(batch.get("safety_label") or [None] * b,
+                                                                    chosen.device))
+            self.log(f"{stage}/safety_aux_loss", aux, on_step=stage == "train", on_epoch=True, batch_size=b,
+                     sync_dist=stage != "train")
+            loss = loss + w * aux
         acc = (chosen > rejected).float().mean()
         train = stage == "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=train, on_epoch=True, batch_size=b, sync_dist=not train)
@@ -92,7 +106,7 @@ class RewardModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         _, chosen, rejected = self._step(batch, "val")
-        self.bucket_metric.update(chosen, rejected, batch["rating"])
+        self.bucket_metric.update(chosen, rejected, batch["rating"], batch.get("is_safety"), batch.get("safety_label"))
 
     # -- wiring ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -126,6 +140,18 @@ class RewardModule(L.LightningModule):
         meta = {k: v for k, v in (("reward", self.hparams.reward_name), ("margin", self.hparams.margin)) if v}
         return export_reward_model(self.model, self.tokenizer, path, metadata=meta,
                                    dtype=model_dtype(self.hparams.model_cfg, trainable=False))
+
+
+def safety_targets(labels, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(chosen_safe, rejected_safe, labelled)`` (B,) from B safety bins (None: unlabelled) for
+    :func:`safety_aux_loss`: preferred_safe_other_unsafe -> (1, 0), both_safe -> (1, 1), both_unsafe -> (0, 0)."""
+    table = {"preferred_safe_other_unsafe": (1.0, 0.0), "both_safe": (1.0, 1.0), "both_unsafe": (0.0, 0.0)}
+    unknown = [x for x in labels if x is not None and x not in table]
+    if unknown:
+        raise ValueError(f"unknown safety label {unknown[0]!r} (expected one of: {', '.join(table)}, or None)")
+    ys = [table.get(x, (0.0, 0.0)) for x in labels]
+    return (torch.tensor([y[0] for y in ys], device=device), torch.tensor([y[1] for y in ys], device=device),
+            torch.tensor([x is not None for x in labels], dtype=torch.bool, device=device))
 
 
 def _print_table(text: str) -> None:
