@@ -148,10 +148,20 @@ class PPO(Sampling, Scoring):
 
 # -- rs --------------------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
+class TemperatureSweep:
+    """``rs.temperature_sweep``: pick the run's temperature among ``candidates`` by max@K on held-out prompts
+    (null: ``rs.temperature``); values checked in ``llama2_lit.stages.rs.sweep_options``."""
+    candidates: list[float] | None
+    prompts: int
+    num_samples: int | None
+
+
+@dataclass(kw_only=True)
 class RS(Sampling, Scoring):
     """``rs`` (conf/stage/rs.yaml)."""
     iteration: int
     num_samples: int
+    temperature_sweep: TemperatureSweep
     selection: Literal["all_iterations", "previous_iteration"]
     rescore: Literal["auto", "always", "never"]
     bag_dir: str

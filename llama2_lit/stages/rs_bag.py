@@ -12,7 +12,8 @@ K, temperature, top-p, length, seed, scorer), so a temperature sweep adds sets s
 written to a temporary name and renamed: a crash leaves whole chunks only, and the run resumes at the
 first missing chunk (the chunk's seed depends on its index, so a resumed set equals an uninterrupted one).
 
-Pure parts (no model): :func:`select_best`, :func:`best_of_n_curves`. Prompt ids: ``data_modules.annotations.prompt_id``;
+Pure parts (no model): :func:`select_best`, :func:`best_of_n_curves`, :func:`pick_temperature` (Fig. 8's choice of
+the sampling temperature). Prompt ids: ``data_modules.annotations.prompt_id``;
 tokenizer fingerprints: ``llama2_lit.models.tokenizers``.
 """
 from __future__ import annotations
@@ -264,6 +265,24 @@ def best_of_n_curves(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         else:
             md[n - 1] = 0.5 * (_expected_order_stat(vals, n, n // 2) + _expected_order_stat(vals, n, n // 2 + 1)).mean()
     return mx, md
+
+
+def pick_temperature(max_at_k: Mapping[float, float]) -> float:
+    """The temperature with the highest mean max@K (``{temperature: mean over prompts of the max reward among K}``).
+
+    Ties go to the lowest temperature (the less random policy); values within float rounding (a relative 1e-12) of
+    the best count as ties, so that the same rewards summed in another prompt order do not decide. Example:
+    ``{0.8: 0.61, 1.0: 0.70, 1.2: 0.66}`` gives 1.0, ``{0.8: 0.7, 1.2: 0.7}`` gives 0.8. An empty mapping or a NaN
+    value is refused (ValueError).
+    """
+    if not max_at_k:
+        raise ValueError("pick_temperature: no candidate temperatures (an empty max@K mapping)")
+    nan = [t for t, v in max_at_k.items() if math.isnan(float(v))]
+    if nan:
+        raise ValueError(f"pick_temperature: max@K is NaN for temperature(s) {sorted(nan)}")
+    best = max(float(v) for v in max_at_k.values())
+    tol = 1e-12 * max(1.0, abs(best))
+    return float(min(t for t, v in max_at_k.items() if float(v) >= best - tol))
 
 
 def max_median_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
