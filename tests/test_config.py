@@ -76,3 +76,13 @@ def test_scale_specialisation_follows_stage_and_model(make_cfg):
     assert make_cfg("model=smollm2_135m", small=False).stage.seq_len == 512
     assert make_cfg("model=llama2_7b", small=False).stage.seq_len == 4096  # the paper's
     assert make_cfg("model=llama2_7b", small=False).stage.batch_size == 64
+
+
+@pytest.mark.parametrize("model, threshold", [("tiny", 0.03), ("llama2_7b", 0.15), ("llama2_70b", 0.15),
+                                              ("smollm2_135m", 0.15)])
+def test_one_safety_threshold_per_scale_shared_by_rs_and_ppo(make_cfg, model, threshold):
+    """Issue 18: RS gated at 0.15 while PPO gated at 0.03 on model=tiny; one setting per model now feeds both."""
+    got = {stage: make_cfg(f"stage={stage}", f"model={model}", small=False)[stage].safety_threshold
+           for stage in ("rs", "ppo", "gatt")}
+    assert got == {"rs": threshold, "ppo": threshold, "gatt": threshold}
+    assert make_cfg("stage=rs", "model=tiny", "model.safety_threshold=0.2", small=False).rs.safety_threshold == 0.2

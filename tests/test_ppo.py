@@ -81,8 +81,10 @@ def test_one_ppo_run_moves_the_policy_and_critic_only(make_cfg, parts, tmp_path)
     # the critic starts as the helpfulness RM (ppo.value_init=auto with an RM given)
     assert same({k: v for k, v in value0.items()}, rm_h)
     trainer.fit(module, datamodule=dm)
-    # 2 iterations x (8 prompts / mini-batches of 4) x ppo_epochs 1 = 4 optimizer steps
-    assert trainer.global_step == 8 and module.iteration == 2
+    # 2 iterations x (8 prompts / mini-batches of 4) x ppo_epochs 2 = 8 optimizer steps (one optimizer over the
+    # policy and the critic: one step each)
+    steps = cfg.ppo.iterations * (cfg.stage.batch_size // cfg.ppo.mini_batch_size) * cfg.ppo.ppo_epochs
+    assert steps == 8 and trainer.global_step == steps and module.iteration == 2
     assert not same(policy0, state(module.model))
     assert not same(value0, state(module.value_model))
     assert same(ref0, state(module.ref_model))
