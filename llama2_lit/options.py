@@ -241,6 +241,13 @@ class ContextDistill(PromptSampling):
 
 # -- pipeline --------------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
+class Student:
+    """One of ``pipeline.students``: a smaller policy fine-tuned on the teacher's RS selections."""
+    name: str
+    overrides: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass(kw_only=True)
 class Pipeline:
     """``pipeline`` (conf/stage/pipeline.yaml); ``<kind>_overrides``: Hydra overrides per step kind."""
     name: str
@@ -260,6 +267,10 @@ class Pipeline:
     rs_overrides: list[str]
     rs_distill_overrides: list[str]
     ppo_overrides: list[str]
+    rs_bag_all_from: int | None    # RS selects over all iterations' samples from this iteration on (paper: 4)
+    rs_temperature: float | str | list[float | str] | None   # null | T | sweep | one per iteration
+    rs_temperature_candidates: list[float]
+    students: list[Student]
     gatt_after: int | None         # Ghost Attention after this iteration (paper: V3); null: none
     gatt_overrides: list[str]
     context_distill_at: int | None  # safety context distillation in this iteration, after its RL steps; null: none

@@ -3,6 +3,7 @@ finished steps, refusal of a pipeline directory made with other settings, the re
 import json
 
 import pytest
+import torch
 
 from llama2_lit.errors import UserError
 from llama2_lit.stages.pipeline import execute, plan, report, run
@@ -331,3 +332,118 @@ def test_killed_pipeline_resumes_without_rerunning_finished_steps(tmp_path):
 
     ran = re.findall(r"pipeline: (?:running|resuming) (\S+)", log)
     assert ran == ["v1/rm_helpfulness", "v1/rm_safety", "v1/rs", "v1/rs_distill"]
+
+
+# ---------------------------------------------------------------------- the RS schedule and students (issue 18)
+
+
+def test_the_bag_history_follows_the_paper_schedule(tmp_path):
+    # the paper: "until RLHF V3" selection from the preceding iteration's samples only, from V4 on from all
+    steps = {s.name: s for s in plan(opts(tmp_path, rs_bag_all_from=4, evaluate=False), [], None)}
+    assert [arg(steps[f"v{k}/rs"], "rs.selection") for k in range(1, 6)] == (
+        ["previous_iteration"] * 3 + ["all_iterations"] * 2)
+    steps = {s.name: s for s in plan(opts(tmp_path, iterations=2, rs_bag_all_from=1, evaluate=False), [], None)}
+    assert [arg(steps[f"v{k}/rs"], "rs.selection") for k in (1, 2)] == ["all_iterations"] * 2
+    # null: the RS config decides; a user's rs override still wins (it comes later on the command line)
+    steps = {s.name: s for s in plan(opts(tmp_path, iterations=2, rs_overrides=["rs.selection=all_iterations"],
+                                          evaluate=False), [], None)}
+    assert [o for o in steps["v1/rs"].overrides if o.startswith("rs.selection")] == ["rs.selection=all_iterations"]
+    with pytest.raises(UserError, match="rs_bag_all_from=0"):
+        plan(opts(tmp_path, rs_bag_all_from=0), [], None)
+
+
+def test_rs_temperature_per_iteration_or_swept(tmp_path):
+    def temps(**kw):
+        steps = {s.name: s for s in plan(opts(tmp_path, iterations=3, evaluate=False, **kw), [], None)}
+        return [[o for o in steps[f"v{k}/rs"].overrides if o.startswith("rs.temperature")] for k in (1, 2, 3)]
+    assert temps() == [[], [], []]
+    assert temps(rs_temperature=1.2) == [["rs.temperature=1.2"]] * 3
+    assert temps(rs_temperature=[0.8, "sweep", 1.3], rs_temperature_candidates=[1.0, 1.4]) == [
+        ["rs.temperature=0.8"], ["rs.temperature_sweep.candidates=[1.0,1.4]"], ["rs.temperature=1.3"]]
+    assert temps(rs_temperature="sweep", rs_temperature_candidates=[0.7, 1]) == [
+        ["rs.temperature_sweep.candidates=[0.7,1.0]"]] * 3
+    with pytest.raises(UserError, match="2 temperatures for 3 iterations"):
+        temps(rs_temperature=[1.0, 1.2])
+    with pytest.raises(UserError, match="not a temperature > 0 or 'sweep'"):
+        temps(rs_temperature="hot")
+    with pytest.raises(UserError, match="rs_temperature_candidates"):
+        temps(rs_temperature="sweep", rs_temperature_candidates=[])
+
+
+def test_students_learn_the_teachers_selection_each_iteration(tmp_path):
+    small = ["model.config.num_hidden_layers=2", "model.config.hidden_size=64"]
+    steps = plan(opts(tmp_path, iterations=2, ppo_from=2, students=[{"name": "small", "overrides": small}]),
+                 ["model=tiny"], None)
+    by = {s.name: s for s in steps}
+    assert [s.name for s in steps][:2] == ["v0/sft", "v0/student_small"]
+    sft = by["v0/student_small"]
+    assert sft.overrides[0] == "stage=sft" and sft.overrides[-3:] == ["model.path=null", *small]
+    t = tmp_path
+    for k, start in ((1, f"{t}/v0/student_small/hf"), (2, f"{t}/v1/student_small/hf")):
+        st = by[f"v{k}/student_small"]
+        assert arg(st, "data.path") == f"{t}/v{k}/rs" and arg(st, "model.path") == start  # the teacher's selection
+        assert st.overrides[0] == "stage=rs_distill" and st.policy_out == f"{t}/v{k}/student_small/hf"
+    # the teacher's lineage ignores the students; the final comparison adds the last student
+    assert arg(by["v2/collect"], "model.path") == f"{t}/v1/rs_distill/hf"
+    assert arg(by["v2/ppo"], "model.path") == f"{t}/v2/rs_distill/hf"
+    compare = by["eval/compare"].overrides
+    assert compare[:4] == [f"{t}/v0/sft/hf", f"{t}/v1/rs_distill/hf", f"{t}/v2/ppo/hf", f"{t}/v2/student_small/hf"]
+    assert by["eval/overopt"].overrides[0] == f"{t}/v2/ppo/hf"
+    for bad in ([{"name": "a/b"}], [{"name": "x"}, {"name": "x"}], [{"name": "x", "overrides": "a=1"}]):
+        with pytest.raises(UserError, match="pipeline.students"):
+            plan(opts(tmp_path, students=bad), [], None)
+
+
+def test_report_shows_table_7_table_29_the_rs_schedule_and_students(tmp_path):
+    steps = plan(opts(tmp_path, iterations=1, ppo_from=9, evaluate=False, students=[{"name": "s", "overrides": []}]),
+                 [], None)
+    execute(steps, fake_runner([]), None)
+    by = {s.name: s for s in steps}
+    rm = {"val/accuracy": 0.7, "val/accuracy/pool/helpfulness": 0.61, "val/count/pool/helpfulness": 80,
+          "val/accuracy/pool/safety": 0.9, "val/count/pool/safety": 20}
+    (by["v1/rm_helpfulness"].dir / "metrics.json").write_text(json.dumps(rm))
+    (by["v1/rm_safety"].dir / "metrics.json").write_text(json.dumps({
+        **rm, "val/accuracy/pool/helpfulness": 0.55, "val/accuracy/safety_bin/preferred_safe_other_unsafe": 0.95,
+        "val/accuracy/safety_bin/both_safe": 0.6, "val/accuracy/safety_bin/both_unsafe": 0.75,
+        "val/unsafe_recall": 0.875}))
+    (by["v1/rs"].dir / "metrics.json").write_text(json.dumps({
+        "rs/temperature": 1.2, "rs/temperature_sweep/max@8/T=0.8": 0.5, "rs/temperature_sweep/max@8/T=1.2": 0.6,
+        "rs/reward_max@8": 0.6, "rs/reward_median@8": 0.4}))
+    (by["v1/rs"].dir / "selected.json").write_text(json.dumps({"selection": "previous_iteration", "iterations": [1]}))
+    (by["v1/student_s"].dir / "metrics.json").write_text(json.dumps({
+        "eval/gold_helpfulness": 0.08, "eval/gold_helpfulness_se": 0.01, "eval/gold_helpfulness_sampled": 0.05}))
+    text, rows = report(steps, {s.name: 60.0 for s in steps}, tmp_path)
+    assert rows[1]["rm_helpfulness_acc"] == 0.61 and rows[1]["rm_safety_acc"] == 0.9  # each RM on its own pool
+    assert "| 1 | safety RM | 55.0 (80) | 90.0 (20) |" in text
+    assert "| 1 | helpfulness RM | 61.0 (80) | 90.0 (20) |" in text
+    assert "| paper, auxiliary loss | 64.5 | 94.3 | 56.9 | 59.9 | 90.4 |" in text
+    assert "| 1 | 90.0 | 95.0 | 60.0 | 75.0 | 87.5 |" in text
+    assert "| 1 | 1.2 (swept 0.8, 1.2) | previous_iteration | 1 |" in text
+    assert "| 1 | 0.100 | 0.080 ± 0.010 / 0.050 |" in text  # teacher (fake runner: 0.1 x iteration) | student
+    assert "| 0 | 0.000 | 0.000 |" in text  # the student's own SFT beside the teacher's
+
+
+def test_a_student_smaller_than_the_teacher_learns_from_the_teachers_bag(make_cfg, tmp_path):
+    """The teacher (2 layers, width 32) samples and selects; a student of 1 layer, width 16, is fine-tuned on it."""
+    from transformers import AutoModelForCausalLM
+
+    from llama2_lit.run import run
+    from llama2_lit.stages.rs import run as run_rs
+
+    run_rs(make_cfg("stage=rs", "data=rs_prompts", "data.synthetic.num_train=10", "stage.batch_size=4",
+                    "rs.num_samples=3", "rs.max_new_tokens=6", "rs.scorer=gold", "+model.config.initializer_range=0.2",
+                    f"rs.bag_dir={tmp_path}/bag", out=tmp_path / "rs"))
+    selected = json.loads((tmp_path / "rs" / "selected.json").read_text())["selected"]
+    shape = ["model.config.hidden_size=16", "model.config.intermediate_size=32", "model.config.num_hidden_layers=1",
+             "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2"]
+    run(make_cfg("stage=sft", *shape, out=tmp_path / "student_sft"))
+    m = run(make_cfg("stage=rs_distill", "data=rs_bag", f"data.path={tmp_path}/rs", "data.val_fraction=0.2",
+                     "stage.seq_len=64", f"model.path={tmp_path}/student_sft/hf", out=tmp_path / "student"))
+    assert m["rs/distill_samples"] + m.get("data/val/rows", 0) >= 1 and m["train/loss"] > 0
+    assert m["rs/distill_samples"] <= selected
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "student_sft" / "hf")
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "student" / "hf")
+    teacher_params = 2 * (4 * 32 * 32 + 3 * 32 * 64)  # 2 layers of attention + MLP at width 32 (embeddings aside)
+    student_params = sum(p.numel() for n, p in after.named_parameters() if "layers." in n and "norm" not in n)
+    assert (after.config.num_hidden_layers, after.config.hidden_size) == (1, 16) and student_params < teacher_params
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))

@@ -10,6 +10,7 @@ SFT on the demonstrations (skipped when ``model.path`` is given), then per itera
     rm_safety    safety RM on the same pairs (the paper's 90/10 mixture)            v<k>/rm_safety/hf
     rs           K samples per prompt scored by the new RMs into the bag of all iterations   v<k>/rs
     rs_distill   fine-tune the latest policy on the best sample per prompt          v<k>/rs_distill/hf
+    student_<n>  each smaller student (``students``) fine-tuned on the same selection  v<k>/student_<n>/hf
     ppo          from iteration ``ppo_from`` on (paper: V4), PPO from the RS checkpoint       v<k>/ppo/hf
     context_distill   in iteration ``context_distill_at``: safety context distillation (§4.2.4)   v<k>/context_distill/hf
     gatt         after iteration ``gatt_after`` (paper: V3): Ghost Attention (§3.3)  v<k>/gatt/hf
@@ -39,6 +40,8 @@ from llama2_lit.errors import UserError
 
 log = logging.getLogger(__name__)
 BUCKETS = ("negligibly_better", "slightly_better", "better", "significantly_better")
+SAFETY_LABELS = ("preferred_safe_other_unsafe", "both_safe", "both_unsafe")  # data_modules.preferences (no import:
+# the pipeline runs stages in subprocesses and imports no data code)
 
 
 @dataclass
@@ -69,6 +72,9 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
     ``collect_previous_policy``: from V2 on, the second answer of each pair comes from the previous policy;
     ``scorer``: ``rm`` (RS and PPO score with the iteration's reward models) or ``gold`` (with the world's gold
     oracle, the perfect-RM limit; the RMs are still trained and reported));
+    ``rs_bag_all_from`` / ``rs_temperature`` / ``rs_temperature_candidates``: the RS schedule (:func:`rs_schedule`);
+    ``students``: ``[{name, overrides}]``, smaller policies (their own SFT at the overridden shape in
+    ``v0/student_<name>``) fine-tuned each iteration on the teacher's RS selection (``v<k>/student_<name>``);
     ``common``: overrides every step gets (model, seed, paths, ...); ``model_path``: the starting policy, or None to
     run SFT first.
     """
@@ -83,6 +89,7 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
         kind, o = foreign
         raise UserError(f"pipeline.scorer=gold scores synthetic-world prompts only, but pipeline.{kind}_overrides "
                         f"sets {o}; use pipeline.scorer=rm for other prompts")
+    students = _students(p.get("students"))
     steps: list[Step] = []
     if model_path:
         policy = str(model_path)
@@ -90,6 +97,12 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
         d = root / "v0" / "sft"
         policy = str(d / "hf")
         steps.append(Step("v0/sft", 0, "sft", d, ["stage=sft", *common, *extra("sft")], policy))
+    student_policy = {}
+    for name, overrides in students.items():  # each student's own SFT, at its smaller shape
+        d = root / "v0" / f"student_{name}"
+        steps.append(Step(f"v0/student_{name}", 0, f"student_sft:{name}", d,
+                          ["stage=sft", *common, *extra("sft"), "model.path=null", *overrides], str(d / "hf")))
+        student_policy[name] = str(d / "hf")
     pairs: list[str] = []
     previous, rms = None, {}
     rm_init = str(p.get("rm_init") or "policy")
@@ -119,11 +132,18 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
         steps.append(Step(f"v{k}/rs", k, "rs", v / "rs",
                           ["stage=rs", "data=rs_prompts", *common, f"model.path={policy}", f"rs.iteration={k}",
                            f"rs.bag_dir={root / 'rs_bag'}", f"rs.reward_models.helpfulness={rms['helpfulness']}",
-                           f"rs.reward_models.safety={rms['safety']}", f"rs.scorer={scorer}", *extra("rs")]))
+                           f"rs.reward_models.safety={rms['safety']}", f"rs.scorer={scorer}",
+                           *rs_schedule(p, k), *extra("rs")]))
         d = v / "rs_distill"
         steps.append(Step(f"v{k}/rs_distill", k, "rs_distill", d,
                           ["stage=rs_distill", "data=rs_bag", f"data.path={v / 'rs'}", *common, f"model.path={policy}",
                            *extra("rs_distill")], str(d / "hf")))
+        for name in students:  # the paper: RS on the largest model only; the smaller ones learn its selections
+            sd = v / f"student_{name}"
+            steps.append(Step(f"v{k}/student_{name}", k, f"student:{name}", sd,
+                              ["stage=rs_distill", "data=rs_bag", f"data.path={v / 'rs'}", *common,
+                               f"model.path={student_policy[name]}", *extra("rs_distill")], str(sd / "hf")))
+            student_policy[name] = str(sd / "hf")
         previous, policy = policy, str(d / "hf")
         if k >= int(p["ppo_from"]):
             d = v / "ppo"
@@ -159,6 +179,58 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
     return steps
 
 
+def rs_schedule(p: dict[str, Any], k: int) -> list[str]:
+    """The RS overrides of iteration ``k`` from the pipeline's schedule (§3.2.3):
+
+    - ``rs_bag_all_from`` (paper: 4): before this iteration RS selects among the iteration's own samples
+      (``rs.selection=previous_iteration``: the bag of the preceding model), from it on among every iteration's
+      (``all_iterations``); null leaves ``rs.selection`` to the RS config;
+    - ``rs_temperature``: null (the RS config's), a number, ``sweep`` (pick among ``rs_temperature_candidates`` by
+      max@K on held-out prompts, Fig. 8), or a list with one of those per iteration.
+    """
+    out = []
+    start = p.get("rs_bag_all_from")
+    if start is not None:
+        if int(start) < 1:
+            raise UserError(f"pipeline.rs_bag_all_from={start}: an iteration number >= 1, or null")
+        out.append(f"rs.selection={'all_iterations' if k >= int(start) else 'previous_iteration'}")
+    t = p.get("rs_temperature")
+    if isinstance(t, (list, tuple)):
+        if len(t) < int(p["iterations"]):
+            raise UserError(f"pipeline.rs_temperature: {len(t)} temperatures for {p['iterations']} iterations (give one "
+                            "per iteration, a single number, or sweep)")
+        t = t[k - 1]
+    if t is None:
+        return out
+    if t == "sweep":
+        cands = list(p.get("rs_temperature_candidates") or [])
+        if not cands:
+            raise UserError("pipeline.rs_temperature=sweep needs pipeline.rs_temperature_candidates (e.g. [0.8,1.0,1.2])")
+        return out + ["rs.temperature_sweep.candidates=[" + ",".join(str(float(c)) for c in cands) + "]"]
+    try:
+        value = float(t)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"pipeline.rs_temperature: {t!r} is not a temperature > 0 or 'sweep'")
+    return out + [f"rs.temperature={value}"]
+
+
+def _students(raw) -> dict[str, list[str]]:
+    """``pipeline.students`` as ``{name: overrides}``; each entry ``{name: str, overrides: [hydra overrides]}``."""
+    out: dict[str, list[str]] = {}
+    for i, st in enumerate(raw or []):
+        name = st.get("name") if isinstance(st, dict) else None
+        if not isinstance(name, str) or not name.replace("_", "").isalnum() or name in out:
+            raise UserError(f"pipeline.students[{i}]: needs a unique 'name' of letters, digits and '_' "
+                            f"(got {name!r}), e.g. {{name: small, overrides: [model.config.num_hidden_layers=2]}}")
+        ov = st.get("overrides") or []
+        if not isinstance(ov, (list, tuple)) or not all(isinstance(o, str) for o in ov):
+            raise UserError(f"pipeline.students[{i}] ({name}): 'overrides' must be a list of Hydra overrides")
+        out[name] = list(ov)
+    return out
+
+
 def _other_prompts(p: dict[str, Any], common: list[str], kinds: Sequence[str]) -> tuple[str, str] | None:
     """The first ``(kind, override)`` among those step kinds' overrides (``common``: every step's) that points
     ``data.path`` away from the synthetic world, whose gold oracle alone can judge; None when there is none."""
@@ -185,7 +257,11 @@ def evaluation_steps(p: dict[str, Any], steps: Sequence[Step], model_path: str |
     root, ev = Path(p["root"]), Path(p["root"]) / "eval"
     policies = [str(model_path)] if model_path else []
     rms, ppo_dir, last_policy = {}, None, {}
+    students: dict[str, str] = {}
     for s in steps:
+        if s.kind.startswith("student"):  # a student's lineage: its last policy joins the comparison at the end
+            students[s.kind.split(":", 1)[1]] = s.policy_out
+            continue
         if s.policy_out:  # an iteration's policy is its last step's that makes one (rs_distill, ppo, cd, gatt)
             last_policy[s.iteration] = s.policy_out
         if s.kind == "rm_helpfulness":
@@ -206,7 +282,7 @@ def evaluation_steps(p: dict[str, Any], steps: Sequence[Step], model_path: str |
                  "--seed", seed, "--json", str(ev / f"rm_v{k}" / "metrics.json")], module="llama2_lit.tools.gold_compare")
            for k, rm in sorted(rms.items())]
     out.append(Step("eval/compare", len(rms), "eval_compare", ev / "compare",
-                    [*policies, "--n", str(p.get("compare_prompts", 1000)), "--k", "4", "--seed", seed,
+                    [*policies, *students.values(), "--n", str(p.get("compare_prompts", 1000)), "--k", "4", "--seed", seed,
                      "--json", str(ev / "compare" / "metrics.json")], module="llama2_lit.tools.gold_compare"))
     if rms:
         last_rm = rms[max(rms)]
@@ -271,6 +347,10 @@ def _manifest(root: Path, settings: dict[str, Any]) -> None:
         old = json.loads(f.read_text())
         old.setdefault("scorer", "rm")  # pipelines started before pipeline.scorer existed scored with their RMs
         old.setdefault("rm_init", "policy")  # ... and before pipeline.rm_init, started their RMs from the policy
+        # ... and before the RS schedule and students: the RS config's temperature and selection (all iterations)
+        old.setdefault("rs_temperature", None)
+        old.setdefault("rs_bag_all_from", None)
+        old.setdefault("students", [])
         keys = sorted(set(old) | set(settings))
         diff = [k for k in keys if old.get(k) != settings.get(k) and k != "iterations"]
         if diff:
@@ -316,9 +396,23 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
         for reward in ("helpfulness", "safety"):
             m = _metrics(st[f"rm_{reward}"]) if f"rm_{reward}" in st else {}
             if m:
-                row[f"rm_{reward}_acc"] = m.get("val/accuracy")
+                # the RM's accuracy on its own test pool (Table 7's diagonal) when measured per pool
+                row[f"rm_{reward}_acc"] = m.get(f"val/accuracy/pool/{reward}", m.get("val/accuracy"))
                 for b in BUCKETS:
                     row[f"rm_{reward}_acc/{b}"] = m.get(f"val/accuracy/{b}")
+                for pool in ("helpfulness", "safety"):
+                    row[f"rm_{reward}_on/{pool}"] = m.get(f"val/accuracy/pool/{pool}")
+                    row[f"rm_{reward}_on/{pool}/count"] = m.get(f"val/count/pool/{pool}")
+                for b in SAFETY_LABELS:
+                    row[f"rm_{reward}_bin/{b}"] = m.get(f"val/accuracy/safety_bin/{b}")
+                row[f"rm_{reward}_unsafe_recall"] = m.get("val/unsafe_recall")
+        for kind, step in st.items():
+            if kind.startswith("student"):
+                m = _metrics(step)
+                row[f"{kind.split(':')[0]}/{kind.split(':', 1)[1]}"] = {
+                    key: m.get(f"eval/{key}") for key in ("gold_helpfulness", "gold_helpfulness_se",
+                                                           "gold_helpfulness_sampled", "gold_helpfulness_sampled_se",
+                                                           "gold_safety")}
         if "rs" in st:
             m = _metrics(st["rs"])
             kmax = max((int(x.split("@")[1]) for x in m if x.startswith("rs/reward_max@")), default=None)
@@ -328,6 +422,11 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
             # on the world: gold of the samples the scorer selected against the mean sample (is the RM worth it?)
             row["rs_gold_selected"] = m.get("rs/selected_gold_helpfulness_mean")
             row["rs_gold_mean"] = m.get("rs/gold_helpfulness_mean")
+            row["rs_temperature"] = m.get("rs/temperature")
+            row["rs_swept"] = sorted(float(x.split("T=")[1]) for x in m if x.startswith("rs/temperature_sweep/max@"))
+            row["rs_pool_iterations"] = m.get("rs/pool_iterations")
+            sel = _json(st["rs"].dir / "selected.json") or {}
+            row["rs_selection"], row["rs_pooled"] = sel.get("selection"), sel.get("iterations")
         if "ppo" in st:
             m = _metrics(st["ppo"])
             row["ppo_kl"], row["ppo_val_reward"] = m.get("ppo/kl"), m.get("val/reward")
@@ -371,6 +470,7 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
                       f"(greedy) and {f(r.get('gold_sampled'))} (T=1); the best of {int(r['oracle_k'])} T=1 samples by "
                       f"the gold oracle (a perfect RM) scores {gold(r, 'oracle_best', 'oracle_best_se')}."]
     lines += _compare_lines(root) + _overopt_lines(root, scorer) + _stage_lines(steps)
+    lines += _rm_pool_lines(rows) + _rs_schedule_lines(rows) + _student_lines(rows)
     lines += ["", "Helpfulness RM accuracy by rating bucket (Table 8's columns):", "",
               "| iteration | " + " | ".join(BUCKETS) + " |", "|---|" + "---|" * len(BUCKETS)]
     for r in rows:
@@ -414,6 +514,89 @@ def _compare_lines(root: Path) -> list[str]:
         short = str(Path(name).relative_to(root)) if Path(name).is_relative_to(root) else name
         lines.append(f"| {short} | {m['greedy']:.4f} | {m['sampled']:.4f} | {m['gold_safety']:.4f} | {diff('greedy')} | "
                      f"{diff('sampled')} |")
+    return lines
+
+
+# Llama 2 Table 7 (Meta Helpful. / Meta Safety columns) and Table 29 (the safety RM, without / with the auxiliary loss)
+PAPER_TABLE7 = {"safety": (56.2, 64.5), "helpfulness": (63.2, 62.8)}
+PAPER_TABLE29 = {"baseline": (63.7, 93.0, 56.0, 59.5, 73.0), "auxiliary loss": (64.5, 94.3, 56.9, 59.9, 90.4)}
+
+
+def _rm_pool_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each RM on helpfulness and on safety test pairs (Table 7's layout), and the safety RM per safety bin with the
+    unsafe-response recall (Table 29's columns), for the iterations whose RMs were measured per pool."""
+    def pc(x):
+        return "–" if x is None else f"{100 * x:.1f}"
+    measured = [r for r in rows if any(r.get(f"rm_{w}_on/{p}") is not None for w in ("helpfulness", "safety")
+                                       for p in ("helpfulness", "safety"))]
+    if not measured:
+        return []
+    lines = ["", "Reward models on each test pool (Table 7's layout: accuracy in %, held-out collected pairs of each "
+             "pool):", "", "| iteration | RM | helpfulness pairs | safety pairs |", "|---|---|---|---|"]
+    for reward in ("safety", "helpfulness"):
+        h, sf = PAPER_TABLE7[reward]
+        lines.append(f"| paper | {reward} RM | {h} (Meta Helpful.) | {sf} (Meta Safety) |")
+    for r in measured:
+        for reward in ("safety", "helpfulness"):
+            cells = [f"{pc(r.get(f'rm_{reward}_on/{p}'))} ({int(r.get(f'rm_{reward}_on/{p}/count') or 0)})"
+                     for p in ("helpfulness", "safety")]
+            lines.append(f"| {r['iteration']} | {reward} RM | " + " | ".join(cells) + " |")
+    binned = [r for r in measured if r.get("rm_safety_unsafe_recall") is not None]
+    if binned:
+        lines += ["", "Safety RM on the safety pairs by safety bin (Table 29's columns, %; unsafe-response recall: "
+                  "unsafe answers scored below 0.5 on the sigmoid scale):", "",
+                  "| iteration | avg | safe chosen, unsafe rejected | both safe | both unsafe | unsafe recall |",
+                  "|---|---|---|---|---|---|"]
+        for name, vals in PAPER_TABLE29.items():
+            lines.append(f"| paper, {name} | " + " | ".join(f"{x}" for x in vals) + " |")
+        for r in binned:
+            lines.append(f"| {r['iteration']} | {pc(r.get('rm_safety_on/safety'))} | "
+                         + " | ".join(pc(r.get(f"rm_safety_bin/{b}")) for b in SAFETY_LABELS)
+                         + f" | {pc(r.get('rm_safety_unsafe_recall'))} |")
+    return lines
+
+
+def _rs_schedule_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per iteration: the RS temperature (and the candidates it was picked from) and the bag iterations selected
+    from (§3.2.3: the preceding iteration's samples up to V3, then all)."""
+    rs = [r for r in rows if r.get("rs_temperature") is not None]
+    if not rs:
+        return []
+    lines = ["", "Rejection sampling schedule (temperature: fixed, or picked by max@K among the candidates on held-out "
+             "prompts; the bag: the iterations whose samples the selection drew from):", "",
+             "| iteration | temperature | bag selection | iterations pooled |", "|---|---|---|---|"]
+    for r in rs:
+        t = f"{r['rs_temperature']:g}" + (f" (swept {', '.join(f'{x:g}' for x in r['rs_swept'])})"
+                                         if r.get("rs_swept") else "")
+        lines.append(f"| {r['iteration']} | {t} | {r.get('rs_selection') or '–'} | "
+                     f"{', '.join(str(i) for i in r.get('rs_pooled') or []) or '–'} |")
+    return lines
+
+
+def _student_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each student's gold beside the teacher's, per iteration (its own SFT at iteration 0)."""
+    names = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith(("student/", "student_sft/"))})
+    if not names:
+        return []
+
+    def g(m):
+        if not m or m.get("gold_helpfulness") is None:
+            return "–"
+        se = m.get("gold_helpfulness_se")
+        t1 = m.get("gold_helpfulness_sampled")
+        return (f"{m['gold_helpfulness']:.3f}" + ("" if se is None else f" ± {se:.3f}")
+                + ("" if t1 is None else f" / {t1:.3f}"))
+    lines = ["", "Distillation into smaller students (the paper: rejection sampling on the largest model only, the smaller "
+             "ones fine-tuned on its selections); held-out gold helpfulness, greedy ± SE / T=1:", "",
+             "| iteration | teacher | " + " | ".join(f"student {n}" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [g(r.get(f"student/{n}") or r.get(f"student_sft/{n}")) for n in names]
+        if all(c == "–" for c in cells):
+            continue
+        teacher = {"gold_helpfulness": r.get("gold_helpfulness"), "gold_helpfulness_se": r.get("gold_helpfulness_se"),
+                   "gold_helpfulness_sampled": r.get("gold_sampled")}
+        lines.append(f"| {r['iteration']} | {g(teacher)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -520,7 +703,12 @@ def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_
     steps = plan(p, common, model_path)
     settings = {"model": cfg.model.name, "model_path": model_path, "seed": int(cfg.seed),
                 "iterations": int(p["iterations"]), "ppo_from": int(p["ppo_from"]), "scorer": p.get("scorer", "rm"),
-                "rm_init": p.get("rm_init") or "policy", **{k: v for k, v in p.items() if k.endswith("_overrides")}}
+                "rm_init": p.get("rm_init") or "policy", "rs_temperature": p.get("rs_temperature"),
+                "rs_bag_all_from": p.get("rs_bag_all_from"), "students": p.get("students") or [],
+                **{k: v for k, v in p.items() if k.endswith("_overrides")}}
+    t = p.get("rs_temperature")
+    if t == "sweep" or (isinstance(t, list) and "sweep" in t):
+        settings["rs_temperature_candidates"] = p.get("rs_temperature_candidates")
     # one pipeline per root: a second one (make demo started twice) is refused here, before it writes into root;
     # each step locks its own directory below root (llama2_lit/run_lock.py)
     with run_lock.acquire(root) as lock:
