@@ -405,7 +405,7 @@ def test_report_shows_table_7_table_29_the_rs_schedule_and_students(tmp_path):
     (by["v1/rm_safety"].dir / "metrics.json").write_text(json.dumps({
         **rm, "val/accuracy/pool/helpfulness": 0.55, "val/accuracy/safety_bin/preferred_safe_other_unsafe": 0.95,
         "val/accuracy/safety_bin/both_safe": 0.6, "val/accuracy/safety_bin/both_unsafe": 0.75,
-        "val/unsafe_recall": 0.875}))
+        "val/count/safety_bin/both_unsafe": 4, "val/unsafe_recall": 0.875, "val/count/unsafe_responses": 8}))
     (by["v1/rs"].dir / "metrics.json").write_text(json.dumps({
         "rs/temperature": 1.2, "rs/temperature_sweep/max@8/T=0.8": 0.5, "rs/temperature_sweep/max@8/T=1.2": 0.6,
         "rs/reward_max@8": 0.6, "rs/reward_median@8": 0.4}))
@@ -417,7 +417,7 @@ def test_report_shows_table_7_table_29_the_rs_schedule_and_students(tmp_path):
     assert "| 1 | safety RM | 55.0 (80) | 90.0 (20) |" in text
     assert "| 1 | helpfulness RM | 61.0 (80) | 90.0 (20) |" in text
     assert "| paper, auxiliary loss | 64.5 | 94.3 | 56.9 | 59.9 | 90.4 |" in text
-    assert "| 1 | 90.0 | 95.0 | 60.0 | 75.0 | 87.5 |" in text
+    assert "| 1 | 90.0 (20) | 95.0 | 60.0 | 75.0 (4) | 87.5 (8) |" in text
     assert "| 1 | 1.2 (swept 0.8, 1.2) | previous_iteration | 1 |" in text
     assert "| 1 | 0.100 | 0.080 ± 0.010 / 0.050 |" in text  # teacher (fake runner: 0.1 x iteration) | student
     assert "| 0 | 0.000 | 0.000 |" in text  # the student's own SFT beside the teacher's

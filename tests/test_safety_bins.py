@@ -60,11 +60,12 @@ def test_per_bin_accuracy_and_unsafe_recall_on_a_hand_made_table():
 
 def test_auxiliary_safety_loss_hand_worked():
     # pair 0 both_safe at (0, 0): -log σ(0) twice = 2 log 2; pair 1 preferred_safe_other_unsafe at (2, -1):
-    # -log σ(2) = log(1 + e^-2), -log(1 - σ(-1)) = log(1 + e^-1); pair 2 has no label and is left out
+    # -log σ(2) = log(1 + e^-2) (safe), -log(1 - σ(-1)) = log(1 + e^-1) (unsafe); pair 2 has no label and is left
+    # out. Class-balanced: the mean of the 3 safe answers' terms and of the 1 unsafe answer's, averaged
     chosen = torch.tensor([0.0, 2.0, 5.0], requires_grad=True)
     rejected = torch.tensor([0.0, -1.0, -5.0])
     got = safety_aux_loss(chosen, rejected, *safety_targets([SAFE, PSOU, None]))
-    expected = (2 * math.log(2) + math.log1p(math.exp(-2)) + math.log1p(math.exp(-1))) / 4
+    expected = ((2 * math.log(2) + math.log1p(math.exp(-2))) / 3 + math.log1p(math.exp(-1))) / 2
     assert got.item() == pytest.approx(expected, abs=1e-6)
     got.backward()
     assert chosen.grad[2] == 0  # the unlabelled pair gets no gradient

@@ -66,16 +66,19 @@ def safety_aux_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
                     rejected_safe: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
     """An auxiliary safety loss for the safety RM (Llama 2 Table 29 ablates one; the paper gives no formula).
 
-    Our choice: the RM's score read on the sigmoid scale as the probability that the answer is safe, trained with
-    binary cross-entropy on every answer whose safety is known::
+    Our choice: the RM's score read on the sigmoid scale as the probability that the answer is safe, trained with a
+    class-balanced binary cross-entropy on every answer whose safety is known (from its pair's safety bin)::
 
-        L_aux = mean over labelled pairs i and sides s in {chosen, rejected} of
-                -[y_is log σ(r_is) + (1 - y_is) log(1 - σ(r_is))]
+        L_aux = 1/|C| * sum over classes c in C of  mean over answers a of class c of  BCE(σ(r_a), y_a)
+        BCE(σ(r), y) = -[y log σ(r) + (1 - y) log(1 - σ(r))],   y = 1 safe, 0 unsafe
 
-    ``y = 1`` for a safe answer, 0 for an unsafe one (from the pair's safety bin). It pulls unsafe answers below 0.5,
-    the point where Table 29 measures the unsafe-response recall, and safe ones above. All arguments (B,);
-    ``chosen_safe``/``rejected_safe`` float 0/1, ``labelled`` bool (pairs without a safety bin are left out).
-    No labelled pair: 0, still attached to the graph.
+    ``C``: the classes (safe, unsafe) present among the labelled answers of the batch. Balanced, because safe answers
+    far outnumber unsafe ones in policy samples (on the world 3,849 to 57), and a plain mean is then the safe class's.
+    It pulls unsafe answers below 0.5, where Table 29 measures the recall, and safe ones above. Measured on the world
+    (docs/results.md): recall 66.3 -> 100.0 % on perturbation pairs, but 100.0 -> 51.7 % on policy pairs with 29
+    unsafe answers (a plain mean: 55.2 %); accuracy unchanged. Off by default. All arguments (B,); ``chosen_safe``/``rejected_safe``
+    float 0/1, ``labelled`` bool (pairs without a safety bin are left out). No labelled pair: 0, still attached to
+    the graph.
     """
     for name, x in (("rejected_rewards", rejected_rewards), ("chosen_safe", chosen_safe),
                     ("rejected_safe", rejected_safe), ("labelled", labelled)):
@@ -86,7 +89,9 @@ def safety_aux_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
         return (chosen_rewards.float() * 0).sum()
     scores = torch.cat([chosen_rewards.float()[labelled], rejected_rewards.float()[labelled]])
     targets = torch.cat([chosen_safe.float()[labelled], rejected_safe.float()[labelled]]).to(scores.device)
-    return F.binary_cross_entropy_with_logits(scores, targets)
+    per = F.binary_cross_entropy_with_logits(scores, targets, reduction="none")
+    classes = [per[targets == y].mean() for y in (1.0, 0.0) if bool((targets == y).any())]
+    return torch.stack(classes).mean()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -405,7 +405,9 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
                     row[f"rm_{reward}_on/{pool}/count"] = m.get(f"val/count/pool/{pool}")
                 for b in SAFETY_LABELS:
                     row[f"rm_{reward}_bin/{b}"] = m.get(f"val/accuracy/safety_bin/{b}")
+                    row[f"rm_{reward}_bin/{b}/count"] = m.get(f"val/count/safety_bin/{b}")
                 row[f"rm_{reward}_unsafe_recall"] = m.get("val/unsafe_recall")
+                row[f"rm_{reward}_unsafe_count"] = m.get("val/count/unsafe_responses")
         for kind, step in st.items():
             if kind.startswith("student"):
                 m = _metrics(step)
@@ -541,18 +543,21 @@ def _rm_pool_lines(rows: list[dict[str, Any]]) -> list[str]:
             cells = [f"{pc(r.get(f'rm_{reward}_on/{p}'))} ({int(r.get(f'rm_{reward}_on/{p}/count') or 0)})"
                      for p in ("helpfulness", "safety")]
             lines.append(f"| {r['iteration']} | {reward} RM | " + " | ".join(cells) + " |")
-    binned = [r for r in measured if r.get("rm_safety_unsafe_recall") is not None]
+    binned = [r for r in measured if any(r.get(f"rm_safety_bin/{b}") is not None for b in SAFETY_LABELS)]
     if binned:
-        lines += ["", "Safety RM on the safety pairs by safety bin (Table 29's columns, %; unsafe-response recall: "
-                  "unsafe answers scored below 0.5 on the sigmoid scale):", "",
+        lines += ["", "Safety RM on the safety pairs by safety bin (Table 29's columns, %, with the validation pairs of "
+                  "each; unsafe-response recall: unsafe answers scored below 0.5 on the sigmoid scale):", "",
                   "| iteration | avg | safe chosen, unsafe rejected | both safe | both unsafe | unsafe recall |",
                   "|---|---|---|---|---|---|"]
         for name, vals in PAPER_TABLE29.items():
             lines.append(f"| paper, {name} | " + " | ".join(f"{x}" for x in vals) + " |")
         for r in binned:
-            lines.append(f"| {r['iteration']} | {pc(r.get('rm_safety_on/safety'))} | "
-                         + " | ".join(pc(r.get(f"rm_safety_bin/{b}")) for b in SAFETY_LABELS)
-                         + f" | {pc(r.get('rm_safety_unsafe_recall'))} |")
+            def n(key):
+                return f" ({int(r[key])})" if r.get(key) is not None else ""
+            lines.append(f"| {r['iteration']} | {pc(r.get('rm_safety_on/safety'))}{n('rm_safety_on/safety/count')} | "
+                         + " | ".join(pc(r.get(f"rm_safety_bin/{b}")) + n(f"rm_safety_bin/{b}/count")
+                                      for b in SAFETY_LABELS)
+                         + f" | {pc(r.get('rm_safety_unsafe_recall'))}{n('rm_safety_unsafe_count')} |")
     return lines
 
 
