@@ -612,7 +612,8 @@ class Bench:
 
         s = self.s
         raw = yaml.safe_load((ROOT / "conf" / "stage" / "ppo.yaml").read_text())["ppo"]
-        known = {"${model.ppo_kl_coef}": 0.01, "${seed}": 0}
+        # the Llama-shaped benchmark model takes the paper's values (conf/model/llama2_*.yaml)
+        known = {"${model.ppo_kl_coef}": 0.01, "${seed}": 0, "${oc.select:model.safety_threshold,0.15}": 0.15}
 
         def resolve(x):
             if isinstance(x, dict):
