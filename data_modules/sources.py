@@ -90,7 +90,8 @@ def brief(value: Any, limit: int = 80) -> str:
     """``repr(value)`` for an error message: one line of about ``limit`` characters at most (a 1 MB field or a
     400-digit number is shortened), lone surrogates escaped."""
     if isinstance(value, str) and len(value) > limit:
-        return repr(value[:limit]) + f"... ({len(value)} characters)"
+        text = repr(value[:limit])  # escapes (a NUL is 4 characters) can make it 4x longer: cut it too
+        return (text if len(text) <= limit + 2 else text[:limit]) + f"... ({len(value)} characters)"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** limit:
         return f"<an integer of {len(str(abs(value)))} digits>"
     text = repr(value)
