@@ -15,6 +15,7 @@ A batch (``collate_pairs``), B pairs padded on the right to one common length T:
     rating                                       list[str] of B bucket names
     is_safety                                    (B,) bool
     safety_label                                 list of B safety bins (Table 29) or None
+    chosen_answer_mask, rejected_answer_mask     (B, T) long: 1 on each side's answer tokens (DPO's log-probs)
 
 Usable on its own::
 
@@ -41,6 +42,7 @@ from data_modules.records import render
 from data_modules.resumable import ResumableDataLoader
 from data_modules.synthetic_pairs import build_synthetic_pairs
 from llama2_lit.errors import UserError
+from llama2_lit.world import oracle as world
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Encoded:
     ids: list[int]
     prompt_cut: int  # prompt tokens removed from the left (after a leading BOS, which is kept)
     answer_cut: int  # answer tokens removed from the right (only when the answer alone is too long)
+    answer_start: int = 0  # index in ``ids`` of the answer's first token (the rest is the rendered prompt)
 
 
 def encode_response(tokenizer, prompt: str | list[dict], answer: str, max_length: int | None = None) -> Encoded:
@@ -76,7 +79,7 @@ def encode_response(tokenizer, prompt: str | list[dict], answer: str, max_length
         raise UserError("chat template: the rendering with the answer does not extend the rendering of the prompt "
                         "with a generation prompt, so prompt and answer tokens cannot be separated")
     if max_length is None or len(full) <= max_length:
-        return Encoded(full, 0, 0)
+        return Encoded(full, 0, 0, len(prompt_ids))
     answer_ids = full[len(prompt_ids):]
     bos = tokenizer.bos_token_id
     head = prompt_ids[:1] if bos is not None and prompt_ids[:1] == [bos] else []
@@ -85,7 +88,7 @@ def encode_response(tokenizer, prompt: str | list[dict], answer: str, max_length
     keep_body = max(0, keep - len(head))
     answer_keep = max_length - len(head) - keep_body
     ids = head + body[len(body) - keep_body:] + answer_ids[:answer_keep]
-    return Encoded(ids, len(body) - keep_body, len(answer_ids) - answer_keep)
+    return Encoded(ids, len(body) - keep_body, len(answer_ids) - answer_keep, len(head) + keep_body)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class EncodedPair:
     rating: str
     is_safety: bool
     safety_label: str | None = None  # Table 29's bin (data_modules.preferences.SAFETY_LABELS) or None
+    chosen_start: int = 0  # index of the chosen answer's first token in ``chosen`` (DPO's log-probs start there)
+    rejected_start: int = 0
 
     @property
     def length(self) -> int:
@@ -137,7 +142,8 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer, *, max_length: int,
         if c.ids == r.ids:  # distinct answers that tokenize (or truncate) to the same ids carry no signal
             counts["dropped_identical_tokens"] += 1
             continue
-        out.append(EncodedPair(c.ids, r.ids, p.margin_value(margin), p.rating, p.is_safety, p.safety_label))
+        out.append(EncodedPair(c.ids, r.ids, p.margin_value(margin), p.rating, p.is_safety, p.safety_label,
+                               c.answer_start, r.answer_start))
     return out, dict(counts)
 
 
@@ -170,7 +176,15 @@ def collate_pairs(rows: Sequence[EncodedPair], pad_id: int, pad_to: int | None =
         "rating": [r.rating for r in rows],
         "is_safety": torch.tensor([r.is_safety for r in rows], dtype=torch.bool),
         "safety_label": [r.safety_label for r in rows],
+        # answer tokens of each side (B, T) long: 1 from the answer's first token to the last real token
+        "chosen_answer_mask": _answer_mask(c_mask[:b], [r.chosen_start for r in rows]),
+        "rejected_answer_mask": _answer_mask(c_mask[b:], [r.rejected_start for r in rows]),
     }
+
+
+def _answer_mask(mask: torch.Tensor, starts: Sequence[int]) -> torch.Tensor:
+    pos = torch.arange(mask.shape[1]).unsqueeze(0)  # (1, T)
+    return mask * (pos >= torch.tensor(starts).unsqueeze(1)).long()
 
 
 def concat_pairs(batch: Mapping[str, torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +316,9 @@ class PairwiseDataModule(L.LightningDataModule):
         batch_size: pairs per micro-batch; ``group_by_length`` with ``mega_batch`` (see the sampler).
         limit / val_limit: use only the first N train / validation pairs read (documented subsets).
         run_dir: where synthetic pairs are written as JSONL for inspection.
+        gold_eval: offer ``eval_prompts`` (``num_eval`` held-out world prompts) to the gold-eval callback, for a policy
+            trained on world pairs (stage=dpo: synthetic pairs, or pairs a pipeline collected on the world; reward
+            models leave it off).
     """
 
     pairwise = True  # the RewardModule checks this: stage=rm needs pair batches
@@ -313,7 +330,8 @@ class PairwiseDataModule(L.LightningDataModule):
                  max_length: int = 512, overlong: str = "truncate", on_error: str = "raise", batch_size: int = 8,
                  val_batch_size: int | None = None, group_by_length: bool = True, mega_batch: int = 50,
                  limit: int | None = None, val_limit: int | None = None, seed: int = 0, num_workers: int = 0,
-                 synthetic: Mapping[str, Any] | None = None, run_dir: str | None = None):
+                 synthetic: Mapping[str, Any] | None = None, run_dir: str | None = None, gold_eval: bool = False,
+                 num_eval: int = 1000):
         super().__init__()
         if tokenizer.pad_token_id is None:
             raise UserError("tokenizer has no pad token (reward models read the last non-pad token)")
@@ -341,7 +359,9 @@ class PairwiseDataModule(L.LightningDataModule):
         self.limit, self.val_limit, self.seed, self.num_workers = limit, val_limit, seed, num_workers
         self.synthetic = dict(synthetic or {})
         self.run_dir = run_dir
-        self.oracle = False  # gold-eval callbacks generate from a causal LM: not applicable to reward models
+        # gold-eval callbacks generate from a causal LM: on for stage=dpo (a policy) on the world, off for reward models
+        self.oracle, self.num_eval = bool(gold_eval), int(num_eval)
+        self.val_prompts: list[list[dict]] = []  # the validation pairs' prompts (held out), for stage=dpo's KL
         self.stats: dict[str, float] = {}
         self.train_pairs: list[EncodedPair] | None = None
         self.val_pairs: list[EncodedPair] | None = None
@@ -415,6 +435,12 @@ class PairwiseDataModule(L.LightningDataModule):
             if not val:
                 raise UserError(f"no validation pairs in pools {self.val_pools} (data.val_pools)")
 
+        seen: set[str] = set()
+        for pair in val:  # held-out prompts, each once, in file order
+            key = repr(pair.prompt)
+            if key not in seen:
+                seen.add(key)
+                self.val_prompts.append(pair.prompt)
         self.train_pairs = self._encode(train, "train")
         self.val_pairs = self._encode(val, "val", val_source, "; give validation pairs with data.val_path=<file>")
         log.info("pairs: %d train, %d val (max_length=%d, margin=%s)", len(self.train_pairs), len(self.val_pairs),
@@ -439,6 +465,17 @@ class PairwiseDataModule(L.LightningDataModule):
             tokenized = f"{len(pairs)} to tokenize, none left after tokenization ({dict(counts)})" if pairs else ""
             raise UserError(f"no {what} pairs: {', '.join(x for x in (source, tokenized) if x)}{hint}")
         return enc
+
+    def eval_prompts(self) -> list[str]:
+        """Held-out world prompts for the gold evaluation (``gold_eval`` on the synthetic world), else none."""
+        if not self.oracle:
+            return []
+        return [t.prompt for t in world.generate_tasks(self.num_eval, seed=self.seed + 2, split="heldout",
+                                                       safety_fraction=self.synthetic.get("safety_fraction", 0.2))]
+
+    def kl_prompts(self, n: int) -> list[list[dict]]:
+        """Up to ``n`` held-out prompts (the validation pairs' own) for a policy's KL to its reference."""
+        return self.val_prompts[:n]
 
     # -- loaders --------------------------------------------------------------------------------
     def _loader(self, rows: list[EncodedPair], batch_size: int, shuffle: bool) -> DataLoader:

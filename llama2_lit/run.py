@@ -40,6 +40,7 @@ from callbacks.resume import CarriedMetrics, EpochEndResume, ResumeState
 from llama2_lit.core.batching import BatchSplit, PPOSplit, plan_sizes, stage_kind
 from llama2_lit.errors import Preempted, UserError
 from llama2_lit.models.sharding import gather_full_
+from llama2_lit.modules.dpo import DPOModule
 from llama2_lit.modules.ppo import PPOModule
 from llama2_lit.modules.reward import RewardModule
 from llama2_lit.modules.sft import RSDistillModule, SFTModule
@@ -66,6 +67,7 @@ STAGES: dict[str, Stage] = {
     "rs": Stage(runner=rs.run, prepare=bootstrap.prepare_rs),
     "rs_distill": Stage(module=RSDistillModule, prepare=bootstrap.prepare_rs_distill),
     "ppo": Stage(module=PPOModule, prepare=bootstrap.prepare_ppo),
+    "dpo": Stage(module=DPOModule, prepare=bootstrap.prepare_dpo),
     "collect": Stage(runner=collect.run, prepare=bootstrap.prepare_collect),
     "gatt": Stage(module=SFTModule, prepare=gatt.prepare),
     "context_distill": Stage(module=SFTModule, prepare=context_distill.prepare),
@@ -283,6 +285,7 @@ def fit(cfg: DictConfig, stage: Stage) -> dict[str, float]:
     metrics.update(_scalars(getattr(datamodule, "stats", {}) or {}))
     for cb in trainer.callbacks:
         metrics.update(_scalars(getattr(cb, "final_metrics", {}) or {}))
+    metrics.update(_scalars(getattr(module, "final_metrics", {}) or {}))  # e.g. stage=dpo's held-out KL
     metrics["trainer/steps"] = float(trainer.global_step)
     timing = ("perf/", "time/")  # wall-clock figures (PPO's time/*_s too) vary run to run: perf.json
     perf = {k: v for k, v in metrics.items() if k.startswith(timing)}

@@ -430,3 +430,41 @@ def test_reward_model_built_on_meta_and_filled_from_its_files_scores_as_from_pre
     save_file(tensors, headless / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match="lack 1 parameters .score.weight"):
         load_exported(headless, on_meta=True)
+
+
+DPO = [
+    "stage=dpo", "logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "trainer.limit_val_batches=1", "trainer.max_steps=3", "data.synthetic.policy=perturb", "data.synthetic.num_train=60",
+    "data.synthetic.num_val=8", "data.synthetic.num_eval=4", "~callbacks.gold_eval", "stage.pairs_per_step=8",
+    "stage.module.lr=1e-3", "stage.module.warmup_ratio=0", "stage.module.kl_prompts=4",
+    "+callbacks.probe._target_=tests.test_fsdp.Probe",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.fsdp
+def test_dpo_sharded_on_two_processes_matches_one_process(tmp_path, parts, cache_dir):  # noqa: F811
+    """stage=dpo under trainer=fsdp: policy and reference sharded, each rank half the policy; 8 pairs per step as
+    one rank x 2 micro-batches of 4 or 2 ranks x 1; the same losses as one process (the reference log-probs of each
+    rank's pairs computed on that rank)."""
+    run_dir, took = _launch(tmp_path / "two", cache_dir, f"model.path={parts / 'policy'}", base=DPO, stage="dpo")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    one = tmp_path / "one"
+    proc = subprocess.run([sys.executable, "-m", "llama2_lit", *DPO, f"model.path={parts / 'policy'}",
+                           "stage.batch_size=4", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={one}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two0, two1, single = _probe(run_dir, 0), _probe(run_dir, 1), _probe(one)
+    assert two0["world"] == 2 and two0["local_params"] + two1["local_params"] == single["local_params"]
+    # the same three optimizer steps on the same 24 pairs: the trained models give the same logits
+    diff = (torch.load(run_dir / "probe_logits.pt") - torch.load(one / "probe_logits.pt")).abs().max().item()
+    assert diff < 1e-4, diff
+    assert two0["loss"][1] == pytest.approx(0.6931, abs=1e-3)  # the policy is the reference at step 1: log 2
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["trainer/steps"] == 3.0 and "dpo/accuracy" in metrics and "dpo/kl" not in metrics  # KL: unsharded
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(parts / "policy")
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
+    print(f"\nDPO on 2 sharded processes: final logits within {diff:.2g} of one process; {took:.0f} s")

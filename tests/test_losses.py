@@ -119,3 +119,43 @@ def test_warm_up_from_a_ratio_rounds_up_in_every_stage():
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_dpo_loss_two_pairs_hand_worked():
+    import math
+
+    from llama2_lit.core.losses import dpo_loss
+
+    # pair 1: policy (-10, -12), reference (-11, -11): log-ratios +1 / -1, Δ = 0.1 x (1 - (-1)) = 0.2
+    # pair 2: policy (-5, -4), reference (-5, -5): log-ratios 0 / +1, Δ = 0.1 x (0 - 1) = -0.1
+    pc, pr = torch.tensor([-10.0, -5.0], requires_grad=True), torch.tensor([-12.0, -4.0])
+    rc, rr = torch.tensor([-11.0, -5.0]), torch.tensor([-11.0, -5.0])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    loss, c, r = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert loss.item() == pytest.approx(-(math.log(sig(0.2)) + math.log(sig(-0.1))) / 2, abs=1e-6)
+    torch.testing.assert_close(c, torch.tensor([0.1, 0.0]))
+    torch.testing.assert_close(r, torch.tensor([-0.1, 0.1]))
+    # Llama 2's margin on the implicit reward gap: m = (2/3, 0) ("better", "negligibly_better" under small)
+    loss_m, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, margin=torch.tensor([2 / 3, 0.0]))
+    assert loss_m.item() == pytest.approx(-(math.log(sig(0.2 - 2 / 3)) + math.log(sig(-0.1))) / 2, abs=1e-6)
+    # IPO: (Δ - 1/2)² / β² = (h - 1/(2β))², h = Δ/β: ((0.2 - 0.5)² + (-0.1 - 0.5)²) / 2 / 0.01 = 22.5
+    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
+    assert ipo.item() == pytest.approx(((0.2 - 0.5) ** 2 + (-0.1 - 0.5) ** 2) / 2 / 0.01, abs=1e-4)
+    assert ipo.item() == pytest.approx(22.5, abs=1e-4)
+    ipo_m, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo", margin=torch.tensor([0.5, 0.0]))
+    assert ipo_m.item() == pytest.approx(((0.2 - 1.0) ** 2 + (-0.1 - 0.5) ** 2) / 2 / 0.01, abs=1e-4)
+    loss.backward()  # the gradient reaches the policy's log-probs: -β σ(-Δ) / B for the chosen side of pair 1
+    assert pc.grad[0].item() == pytest.approx(-0.1 * sig(-0.2) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(pc, pr, rc, rr, loss_type="hinge")
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        dpo_loss(pc[:, None], pr, rc, rr)
+
+
+def test_sequence_logps_sum_and_length_normalised():
+    from llama2_lit.core.losses import sequence_logps
+
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
+    torch.testing.assert_close(sequence_logps(lp, mask), torch.tensor([-5.0, -6.0]))
+    torch.testing.assert_close(sequence_logps(lp, mask, average=True), torch.tensor([-2.5, -6.0]))

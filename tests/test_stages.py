@@ -147,6 +147,8 @@ SHRINK = {
     "pretrain": [],
     "sft": [],
     "rm": ["stage.pairs_per_step=4"],
+    "dpo": ["stage.pairs_per_step=4", "data.synthetic.num_train=40", "data.synthetic.num_val=20",
+            "data.synthetic.max_new_tokens=4", "stage.module.kl_prompts=2", "stage.module.kl_max_new_tokens=4"],
     "rs": ["data.synthetic.num_train=8", "rs.num_samples=2", "rs.max_new_tokens=4"],
     "rs_distill": ["data.val_fraction=0.2", "stage.seq_len=64"],
     "ppo": ["ppo.iterations=1", "ppo.mini_batch_size=4", "ppo.max_new_tokens=4", "ppo.eval.max_new_tokens=4",
@@ -165,7 +167,7 @@ SHRINK = {
 # what each stage's bootstrap made (bootstrap.json; none: the stage needs nothing)
 MADE = {"rs": {"policy", "helpfulness", "safety"}, "rs_distill": {"policy", "helpfulness", "safety", "rs"},
         "ppo": {"policy", "helpfulness", "safety"}, "collect": {"policy"}, "gatt": {"policy"},
-        "context_distill": {"policy", "safety"}}
+        "context_distill": {"policy", "safety"}, "dpo": {"policy"}}
 
 
 @pytest.fixture(scope="module")

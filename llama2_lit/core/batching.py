@@ -93,9 +93,9 @@ def split_ppo(prompts: int, mini: int, world: int) -> PPOSplit:
 
 
 def stage_kind(module_target: str) -> str:
-    """``ppo`` | ``pairs`` (reward model) | ``rows`` (SFT, pretraining, RS fine-tuning) by the stage's module."""
+    """``ppo`` | ``pairs`` (reward model, DPO) | ``rows`` (SFT, pretraining, RS fine-tuning) by the stage's module."""
     name = module_target.rsplit(".", 1)[-1]
-    return {"PPOModule": "ppo", "RewardModule": "pairs"}.get(name, "rows")
+    return {"PPOModule": "ppo", "RewardModule": "pairs", "DPOModule": "pairs"}.get(name, "rows")
 
 
 def plan_sizes(stage: Mapping[str, Any], ppo: Mapping[str, Any] | None, world: int, micro: int | None = None,

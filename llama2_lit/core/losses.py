@@ -94,6 +94,57 @@ def safety_aux_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
     return torch.stack(classes).mean()
 
 
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
+             loss_type: str = "sigmoid", margin: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct preference optimisation on summed answer log-probs; returns ``(loss, chosen_rewards, rejected_rewards)``.
+
+    All four log-prob arguments (B,): the answer's summed (or length-normalised) log-prob under the policy and the
+    frozen reference. The implicit rewards are ``r = β (log π(y|x) - log π_ref(y|x))`` (B,), detached, and
+    ``Δ = r_c - r_r`` (with gradient):
+
+    - ``sigmoid`` (Rafailov et al. 2023): ``mean(-log σ(Δ - m))``;
+    - ``ipo`` (Azar et al. 2023, τ = β): ``mean((Δ - 1/2 - m)² / β²)``, i.e. IPO's ``(h - 1/(2β))²`` with
+      ``h = Δ / β`` when ``m = 0``.
+
+    ``margin`` m (B,), our documented choice (neither DPO nor IPO defines one): Llama 2's rating margin applied to the
+    implicit reward gap, so ``sigmoid`` is exactly the Llama 2 RM loss ``-log σ(r_c - r_r - m(rating))`` with the DPO
+    implicit reward as ``r``, and ``ipo`` asks for a gap of ``1/2 + m`` instead of ``1/2``. None: no margin.
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r} (choose {', '.join(DPO_LOSSES)})")
+    if not beta > 0:
+        raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
+    shape = policy_chosen_logps.shape
+    for name, x in (("policy_rejected_logps", policy_rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
+                    ("ref_rejected_logps", ref_rejected_logps)) + ((("margin", margin),) if margin is not None else ()):
+        if policy_chosen_logps.dim() != 1 or x.shape != shape:
+            raise ValueError(f"dpo_loss: policy_chosen_logps {tuple(shape)} and {name} {tuple(x.shape)} must both "
+                             "have shape (B,)")
+    chosen = beta * (policy_chosen_logps.float() - ref_chosen_logps.float())
+    rejected = beta * (policy_rejected_logps.float() - ref_rejected_logps.float())
+    gap = chosen - rejected
+    m = torch.zeros_like(gap) if margin is None else margin.to(gap)
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(gap - m).mean()
+    else:
+        loss = ((gap - 0.5 - m) ** 2).mean() / beta ** 2
+    return loss, chosen.detach(), rejected.detach()
+
+
+def sequence_logps(token_lp: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Per-row sum (or mean, ``average=True``: length-normalised) of token log-probs over ``mask``: (B, T) -> (B,)."""
+    if token_lp.shape != mask.shape:
+        raise ValueError(f"sequence_logps: token log-probs {tuple(token_lp.shape)} and mask {tuple(mask.shape)} differ")
+    m = mask.to(token_lp.dtype)
+    total = (token_lp * m).sum(-1)
+    return total / m.sum(-1).clamp_min(1.0) if average else total
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over positions where ``mask`` is true. x, mask: (B, T). Returns a scalar."""
     mask = mask.to(x.dtype)

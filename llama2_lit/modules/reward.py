@@ -120,10 +120,7 @@ class RewardModule(L.LightningModule):
         return [RatingBucketCallback(printer=_print_table)]
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and not getattr(dm, "pairwise", False):
-            raise UserError(f"stage=rm needs preference pairs, but data is a {type(dm).__name__}: add "
-                            "data=synthetic_pairs (or data=pairs data.path=..., data=hh_harmless)")
+        require_pairs(self, "rm")
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -140,6 +137,14 @@ class RewardModule(L.LightningModule):
         meta = {k: v for k, v in (("reward", self.hparams.reward_name), ("margin", self.hparams.margin)) if v}
         return export_reward_model(self.model, self.tokenizer, path, metadata=meta,
                                    dtype=model_dtype(self.hparams.model_cfg, trainable=False))
+
+
+def require_pairs(module: L.LightningModule, stage: str) -> None:
+    """Refuse a DataModule that gives no preference-pair batches (``stage=rm`` / ``stage=dpo`` with SFT data)."""
+    dm = getattr(module.trainer, "datamodule", None)
+    if dm is not None and not getattr(dm, "pairwise", False):
+        raise UserError(f"stage={stage} needs preference pairs, but data is a {type(dm).__name__}: add "
+                        "data=synthetic_pairs (or data=pairs data.path=..., data=hh_harmless)")
 
 
 def safety_targets(labels, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

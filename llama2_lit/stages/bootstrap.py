@@ -177,6 +177,14 @@ def prepare_collect(cfg: DictConfig) -> DictConfig:
     return _fill(cfg, "collect", cfg.bootstrap, cfg.collect, [])
 
 
+def prepare_dpo(cfg: DictConfig) -> DictConfig:
+    """stage=dpo: fill ``model.path`` (the SFT policy DPO starts from, and whose samples ``data=synthetic_pairs``
+    labels into pairs) by training it when null."""
+    if cfg.model.get("path") or str(cfg.data.get("path")) != "synthetic":
+        return cfg  # a given policy, or pairs from files (a random-init policy is refused by the module's data check)
+    return _fill(cfg, "dpo", cfg.bootstrap, None, [])
+
+
 def prepare_rs_distill(cfg: DictConfig) -> DictConfig:
     """stage=rs_distill with ``data=rs_bag`` and no ``data.path``: a stage=rs run (policy, both RMs, the selection),
     whose directory becomes ``data.path``; ``model.path`` (null) becomes the policy that sampled it."""
