@@ -258,6 +258,7 @@ class Pipeline:
     collect_previous_policy: bool
     scorer: Scorer
     rm_init: str                   # policy | previous
+    method: Literal["rs_ppo", "dpo"]
     common_overrides: list[str]
     sft_overrides: list[str]
     collect_overrides: list[str]
@@ -267,6 +268,7 @@ class Pipeline:
     rs_overrides: list[str]
     rs_distill_overrides: list[str]
     ppo_overrides: list[str]
+    dpo_overrides: list[str]
     rs_bag_all_from: int | None    # RS selects over all iterations' samples from this iteration on (paper: 4)
     rs_temperature: float | str | list[float | str] | None   # null | T | sweep | one per iteration
     rs_temperature_candidates: list[float]

@@ -447,3 +447,27 @@ def test_a_student_smaller_than_the_teacher_learns_from_the_teachers_bag(make_cf
     student_params = sum(p.numel() for n, p in after.named_parameters() if "layers." in n and "norm" not in n)
     assert (after.config.num_hidden_layers, after.config.hidden_size) == (1, 16) and student_params < teacher_params
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+def test_method_dpo_trains_the_policy_on_the_collected_pairs(tmp_path):
+    steps = plan(opts(tmp_path, iterations=2, method="dpo", dpo_overrides=["stage.module.beta=0.2"]), ["model=tiny"],
+                 None)
+    assert [s.kind for s in steps] == ["sft", "collect", "dpo", "collect", "dpo", "eval_compare"]
+    by, t = {s.name: s for s in steps}, tmp_path
+    assert arg(by["v1/dpo"], "model.path") == f"{t}/v0/sft/hf" and arg(by["v2/dpo"], "model.path") == f"{t}/v1/dpo/hf"
+    assert arg(by["v2/collect"], "model.path") == f"{t}/v1/dpo/hf"
+    assert arg(by["v2/dpo"], "data.path") == f"['{t}/v1/collect/pairs.jsonl','{t}/v2/collect/pairs.jsonl']"
+    assert (arg(by["v2/dpo"], "data.mix"), arg(by["v2/dpo"], "data.gold_eval")) == ("false", "true")
+    assert by["v2/dpo"].overrides[-1] == "stage.module.beta=0.2"
+    assert by["eval/compare"].overrides[:3] == [f"{t}/v0/sft/hf", f"{t}/v1/dpo/hf", f"{t}/v2/dpo/hf"]
+    with pytest.raises(UserError, match="pipeline.method: unknown 'ppo'"):
+        plan(opts(tmp_path, method="ppo"), [], None)
+    with pytest.raises(UserError, match="need method=rs_ppo"):
+        plan(opts(tmp_path, method="dpo", gatt_after=1), [], None)
+    execute(steps, fake_runner([]), None)
+    (tmp_path / "pipeline.json").write_text(json.dumps({"scorer": "rm", "method": "dpo"}))
+    (by["v2/dpo"].dir / "metrics.json").write_text(json.dumps({"eval/gold_helpfulness": 0.3, "dpo/accuracy": 0.7,
+                                                                "dpo/kl": 0.25}))
+    text, rows = report(steps, {s.name: 60.0 for s in steps}, tmp_path)
+    assert "Method: **DPO**" in text and rows[2]["rm_helpfulness_acc"] == 0.7 and rows[2]["ppo_kl"] == 0.25
+    assert "| 2 | v2/dpo | 0.300 |" in text

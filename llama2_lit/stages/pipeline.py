@@ -90,6 +90,13 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
         raise UserError(f"pipeline.scorer=gold scores synthetic-world prompts only, but pipeline.{kind}_overrides "
                         f"sets {o}; use pipeline.scorer=rm for other prompts")
     students = _students(p.get("students"))
+    method = str(p.get("method") or "rs_ppo")
+    if method not in ("rs_ppo", "dpo"):
+        raise UserError(f"pipeline.method: unknown '{method}' (rs_ppo: reward models, rejection sampling and PPO, the "
+                        "paper; dpo: DPO on the collected pairs)")
+    if method == "dpo" and (students or p.get("gatt_after") is not None or p.get("context_distill_at") is not None):
+        raise UserError("pipeline.method=dpo trains no reward models and samples no RS bag: pipeline.students, "
+                        "gatt_after and context_distill_at need method=rs_ppo")
     steps: list[Step] = []
     if model_path:
         policy = str(model_path)
@@ -119,6 +126,13 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
                           ["stage=collect", *common, f"model.path={policy}", f"data.seed={seed_k}",
                            f"collect.seed={seed_k}", *variant, *extra("collect")]))
         pairs.append(str(v / "collect" / "pairs.jsonl"))
+        if method == "dpo":  # the collected pairs train the policy directly: no reward models, RS or PPO
+            d = v / "dpo"
+            steps.append(Step(f"v{k}/dpo", k, "dpo", d,
+                              ["stage=dpo", "data=pairs", f"data.path={_list(pairs)}", "data.mix=false",
+                               "data.gold_eval=true", *common, f"model.path={policy}", *extra("dpo")], str(d / "hf")))
+            previous, policy = policy, str(d / "hf")
+            continue
         previous_rms, rms = rms if k > 1 else {}, {}
         for reward in ("helpfulness", "safety"):
             d = v / f"rm_{reward}"
@@ -348,6 +362,7 @@ def _manifest(root: Path, settings: dict[str, Any]) -> None:
         old.setdefault("scorer", "rm")  # pipelines started before pipeline.scorer existed scored with their RMs
         old.setdefault("rm_init", "policy")  # ... and before pipeline.rm_init, started their RMs from the policy
         # ... and before the RS schedule and students: the RS config's temperature and selection (all iterations)
+        old.setdefault("method", "rs_ppo")  # ... and before pipeline.method: the paper's RMs, RS and PPO
         old.setdefault("rs_temperature", None)
         old.setdefault("rs_bag_all_from", None)
         old.setdefault("students", [])
@@ -374,7 +389,7 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
     for k in sorted(by_it):
         st = by_it[k]
         row: dict[str, Any] = {"iteration": k}
-        last = st.get("ppo") or st.get("rs_distill") or st.get("sft")
+        last = st.get("ppo") or st.get("rs_distill") or st.get("dpo") or st.get("sft")
         if last:
             m = _metrics(last)
             row["gold_helpfulness"] = m.get("eval/gold_helpfulness")
@@ -386,8 +401,9 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
             row["oracle_best_se"] = m.get("eval/gold_helpfulness_oracle_best_of_se")
             row["oracle_k"] = m.get("eval/oracle_best_of_k")
             row["policy"] = last.name
-        if k == 1 and 0 not in by_it and "rs_distill" in st:  # a given starting policy: its gold eval at the start
-            m = _metrics(st["rs_distill"])
+        first = st.get("rs_distill") or st.get("dpo")
+        if k == 1 and 0 not in by_it and first:  # a given starting policy: its gold eval at the start
+            m = _metrics(first)
             rows.append({"iteration": 0, "policy": "model.path", "gold_helpfulness": m.get("eval/gold_helpfulness_init"),
                          "gold_helpfulness_se": m.get("eval/gold_helpfulness_se_init"),
                          "gold_sampled": m.get("eval/gold_helpfulness_sampled_init"),
@@ -432,6 +448,9 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
         if "ppo" in st:
             m = _metrics(st["ppo"])
             row["ppo_kl"], row["ppo_val_reward"] = m.get("ppo/kl"), m.get("val/reward")
+        if "dpo" in st:  # DPO's implicit-reward accuracy on held-out pairs in the RM column, its KL in PPO's
+            m = _metrics(st["dpo"])
+            row["rm_helpfulness_acc"], row["ppo_kl"] = m.get("dpo/accuracy"), m.get("dpo/kl")
         rm_check = _json(root / "eval" / f"rm_v{k}" / "metrics.json")
         if rm_check:  # gold_compare --rm: the helpfulness RM on T=1 samples of the policy it scored
             row["rm_onpolicy_acc"] = rm_check.get("pair_accuracy")
@@ -449,9 +468,14 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
     def pair(r, a, b):
         return f"{f(r.get(a))} / {f(r.get(b))}" if r.get(a) is not None else "–"
 
-    scorer = (_json(root / "pipeline.json") or {}).get("scorer", "rm")
+    manifest = _json(root / "pipeline.json") or {}
+    scorer = manifest.get("scorer", "rm")
     lines = ["# Pipeline report", "", f"RS and PPO scored by: **{scorer}** "
-             f"({'each iteration’s trained reward models, the paper’s setting' if scorer == 'rm' else 'the world’s gold oracle, a perfect RM: the ceiling'}).",
+             f"({'each iteration’s trained reward models, the paper’s setting' if scorer == 'rm' else 'the world’s gold oracle, a perfect RM: the ceiling'})."
+             if manifest.get("method", "rs_ppo") == "rs_ppo" else
+             "Method: **DPO** on every pair collected so far, from the latest policy (no reward models, no RS or "
+             "PPO); the RM help acc column holds DPO's implicit-reward accuracy on held-out pairs, PPO KL its KL to "
+             "the reference on held-out prompts.",
              "", "| iteration | policy | gold helpfulness (greedy) | gold helpfulness (T=1) | "
              "gold safety | RM help acc | RM safety acc | RM on-policy acc | RS max@K / median@K | "
              "RS gold selected / mean | PPO KL | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -708,7 +732,8 @@ def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_
     steps = plan(p, common, model_path)
     settings = {"model": cfg.model.name, "model_path": model_path, "seed": int(cfg.seed),
                 "iterations": int(p["iterations"]), "ppo_from": int(p["ppo_from"]), "scorer": p.get("scorer", "rm"),
-                "rm_init": p.get("rm_init") or "policy", "rs_temperature": p.get("rs_temperature"),
+                "rm_init": p.get("rm_init") or "policy", "method": p.get("method") or "rs_ppo",
+                "rs_temperature": p.get("rs_temperature"),
                 "rs_bag_all_from": p.get("rs_bag_all_from"), "students": p.get("students") or [],
                 **{k: v for k, v in p.items() if k.endswith("_overrides")}}
     t = p.get("rs_temperature")
