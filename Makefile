@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: help install run demo demo-rm test test-slow test-all soak bench bench-sft bench-rm bench-gen bench-ppo bench-gpu fetch-smollm2 clean
+.PHONY: help install run demo demo-rm test test-slow test-all soak bench bench-sft bench-rm bench-dpo bench-gen bench-ppo bench-gpu fetch-smollm2 clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -46,13 +46,16 @@ test-all: install ## every test
 soak: install ## PPO on model=tiny for 200 iterations: no NaN, RSS after warm-up vs end (bench/results/soak_ppo.json)
 	OMP_NUM_THREADS=1 $(PY) bench/soak_ppo.py
 
-bench: bench-sft bench-rm bench-gen bench-ppo ## every benchmark
+bench: bench-sft bench-rm bench-dpo bench-gen bench-ppo ## every benchmark
 
 bench-sft: install ## packing efficiency and tokens/s: isolated vs concat vs pad-to-longest, Lightning vs bare loop
 	$(PY) bench/sft.py
 
 bench-rm: install ## reward model pairs/s: one chosen+rejected forward, length-grouped, vs two pad-to-max forwards
 	$(PY) bench/rm.py
+
+bench-dpo: install ## DPO pairs/s: the Lightning stage (DPOModule + Trainer) vs a plain PyTorch loop on the same batches
+	$(PY) bench/dpo.py
 
 bench-gen: install ## generated tokens/s: the project's engine vs HF generate (same model, prompts, settings)
 	$(PY) bench/gen.py
