@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from llama2_lit import config as _config  # noqa: F401  (registers the ${project_root:} resolver)
+from llama2_lit import config as _config  # the config folder, and the ${project_root:}, ${cwd:}, ${user_cache:} resolvers
 from llama2_lit.errors import Preempted, UserError
 from llama2_lit.models.rank_watch import rank_lost
 from llama2_lit.run import run
@@ -27,7 +27,8 @@ def _user_error(e: BaseException | None) -> UserError | None:
 # The run directory is locked before Hydra writes into it (hydra.callbacks.run_lock in conf/config.yaml,
 # llama2_lit/run_lock.py): a second command on a directory in use prints "error: <dir> is in use by pid ..." and
 # exits 2 without touching it.
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# llama2_lit/conf: the configs ship in the package (in a checkout a link to ../conf); an absolute path for Hydra
+@hydra.main(version_base="1.3", config_path=str(_config.CONF_DIR.resolve()), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
