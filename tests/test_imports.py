@@ -15,7 +15,8 @@ PACKAGES = ("llama2_lit", "data_modules", "callbacks")
 # (layer, module name prefixes); a module may import its own layer and the layers after it
 LAYERS = [
     ("entry", ("llama2_lit.__main__", "llama2_lit.run", "llama2_lit.options", "llama2_lit.config", "llama2_lit.plan",
-               "llama2_lit.gold_compare", "llama2_lit.summarize", "llama2_lit.overopt", "llama2_lit.tools")),
+               "llama2_lit.gold_compare", "llama2_lit.summarize", "llama2_lit.overopt", "llama2_lit.tools",
+               "llama2_lit.chat")),
     ("stages", ("llama2_lit.stages", "llama2_lit.run_lock")),  # run_lock: the entry and the pipeline lock directories
     ("modules", ("llama2_lit.modules",)),
     ("scoring", ("llama2_lit.scoring",)),
