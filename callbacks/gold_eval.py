@@ -65,7 +65,7 @@ class GoldEvalCallback(L.Callback):
         prompts = dm.eval_prompts()
         engine = Engine(pl_module.model, pl_module.tokenizer)
         greedy = Sampling(max_new_tokens=self.max_new_tokens, temperature=0.0)  # seeds drawn from the global RNG
-        answers = [o[0] for o in engine.generate_text(prompts, greedy, self.batch_size)]
+        answers = [o[0] for o in engine.generate_text(prompts, greedy, self.batch_size, desc=f"gold eval{suffix}, greedy")]
         helpful = [world.gold_helpfulness(p, a) for p, a in zip(prompts, answers)]
         safe = [world.gold_safety(p, a) for p, a in zip(prompts, answers) if world.is_safety_prompt(p)]
         mean, se = mean_and_se(helpful)
@@ -75,7 +75,7 @@ class GoldEvalCallback(L.Callback):
         if self.sample_temperature is not None:
             sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=float(self.sample_temperature),
                                 seed=self.sample_seed)
-            sampled = engine.generate_text(prompts, sampling, self.batch_size)
+            sampled = engine.generate_text(prompts, sampling, self.batch_size, desc=f"gold eval{suffix}, T={self.sample_temperature:g}")
             mean, se = mean_and_se([world.gold_helpfulness(p, o[0]) for p, o in zip(prompts, sampled)])
             m[f"eval/gold_helpfulness_sampled{suffix}"] = mean
             m[f"eval/gold_helpfulness_sampled_se{suffix}"] = se

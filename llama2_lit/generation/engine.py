@@ -40,6 +40,7 @@ from transformers import DynamicCache
 
 from llama2_lit.errors import UserError
 from llama2_lit.generation.llama_decode import DecodeStep, LlamaRunner, llama_supported
+from llama2_lit.core.progress import progress
 from llama2_lit.generation.sampling import (Rollout, Sampling, encode_prompts, left_pad,  # noqa: F401 (re-exported)
                                             sample_tokens, top_p_filter)
 
@@ -103,14 +104,16 @@ class Engine:
         return self.generate_ids(ids, mask, sampling)
 
     def generate_text(self, prompts: Sequence[str | list[dict]], sampling: Sampling = Sampling(),
-                      batch_size: int = 32) -> list[list[str]]:
+                      batch_size: int = 32, desc: str | None = None) -> list[list[str]]:
         """The decoded responses, ``num_samples`` per prompt, generated ``batch_size`` prompts per call.
 
         Call ``i`` is seeded ``sampling.seed + i``; with ``seed=None`` each call draws its seed from the global torch
-        RNG (greedy calls too), so ``seed_everything`` makes a run reproducible.
+        RNG (greedy calls too), so ``seed_everything`` makes a run reproducible. ``desc``: show the calls' progress
+        under that name (``llama2_lit.core.progress``: a bar on a terminal, a few log lines elsewhere).
         """
         k, out = sampling.num_samples, []
-        for i, s in enumerate(range(0, len(prompts), batch_size)):
+        starts = list(range(0, len(prompts), batch_size))
+        for i, s in enumerate(starts if desc is None else progress(starts, desc, unit="batch")):
             chunk = prompts[s:s + batch_size]
             seed = None if sampling.seed is None else sampling.seed + i
             texts = self.decode(self.generate(chunk, dataclasses.replace(sampling, seed=seed)))

@@ -132,7 +132,8 @@ def policy_pair_sampler(policy: str, tokenizer, *, temperatures: Sequence[float]
             if not reqs:
                 continue
             sampling = Sampling(max_new_tokens=max_new_tokens, temperature=t, top_p=top_p if t > 0 else 1.0)
-            for (i, s), g in zip(reqs, engine.generate_text([prompts[i] for i, _ in reqs], sampling, batch_size)):
+            for (i, s), g in zip(reqs, engine.generate_text([prompts[i] for i, _ in reqs], sampling, batch_size,
+                                                            desc=f"sampling pairs at T={t:g}")):
                 out[i][s] = g[0]
         return [(a, b) for a, b in out]
 

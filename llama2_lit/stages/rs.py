@@ -55,6 +55,7 @@ from omegaconf import DictConfig, ListConfig
 
 from data_modules.annotations import prompt_id
 from data_modules.prompts import Prompt, PromptDataModule
+from llama2_lit.core.progress import progress
 from llama2_lit.errors import UserError
 from llama2_lit.generation.engine import Engine, Sampling
 from llama2_lit.models.tokenizers import tokenizer_fingerprint
@@ -155,9 +156,8 @@ def _sample_into_bag(bag: Bag, set_dir: Path, done: set[int], chunks, engine: En
     k = sampling.num_samples
     t_gen = t_score = 0.0
     n_tokens = 0
-    for c, chunk in enumerate(chunks):
-        if c in done:
-            continue
+    todo = [(c, chunk) for c, chunk in enumerate(chunks) if c not in done]
+    for c, chunk in progress(todo, f"rs iteration {it}: {len(todo)} chunks of {len(chunks)}", unit="chunk"):
         seed = derived_seed("rs", int(rs.seed), it, c)  # by chunk index: a resumed set equals an uninterrupted one
         sc = _generate_scored(engine, chunk, dataclasses.replace(sampling, seed=seed), scorer,
                               float(rs.safety_threshold))

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llama2_lit.core.progress import progress
 from llama2_lit.core.stats import paired_difference  # noqa: F401 (re-exported: the tool's own statistic)
 from llama2_lit.generation.engine import Engine, Sampling
 from llama2_lit.models.loading import load_pretrained, resolve_path
@@ -76,7 +77,8 @@ def rm_check(policy: str, rm: str, n: int, k: int, seed: int, max_new_tokens: in
 
 def compare(paths: Sequence[str], n: int = 1000, k: int = 4, seed: int = 11, max_new_tokens: int = 24) -> dict:
     prompts = [t.prompt for t in world.generate_tasks(n, seed=seed, split="heldout")]
-    scores = {p: score_policy(p, prompts, k, max_new_tokens, seed) for p in paths}
+    scores = {p: score_policy(p, prompts, k, max_new_tokens, seed)
+              for p in progress(list(paths), f"gold_compare: {n} prompts x {len(paths)} policies", unit="policy")}
     out = {"prompts": n, "samples_per_prompt": k, "policies": {}, "vs_first": {}}
     for p, s in scores.items():
         out["policies"][p] = {"greedy": sum(s["greedy"]) / n, "sampled": sum(s["sampled"]) / n,
