@@ -12,6 +12,16 @@ A signal during the last step lets the run finish (final checkpoint, validation,
 installed when training starts (replacing Lightning's SIGTERM handler for the fit, which Lightning
 restores afterwards). A signal during validation before or after ``fit`` stops that validation (Lightning's
 handler) with the same exit code; outside the trainer the signal's default action applies.
+
+Requeue on SLURM: this callback never requeues; the batch script does. ``scripts/slurm/train.sbatch`` (with
+``scripts/slurm/requeue.sh``) runs ``scontrol requeue $SLURM_JOB_ID`` when the run exits with 75, unless SLURM sent
+the batch shell SIGTERM (a scancel, or a preemption SLURM requeues itself); the requeued job keeps its id, hence its
+``hydra.run.dir``, and resumes with ``ckpt_path=last``. Lightning's own SLURM auto-requeue (its SIGUSR1 handler: an
+``hpc_ckpt_*.ckpt`` and ``scontrol requeue``) is replaced by this callback's handler during ``fit``, and train.sbatch
+turns it off altogether (``SLURMEnvironment(auto_requeue=False)``). ``sbatch --signal=B:USR1@<seconds>`` gives the
+time-limit warning to the batch shell, which passes it on to srun and so to every rank. In a multi-process run each
+rank acts on the signal it received itself: every rank must receive it (srun and SLURM's SIGTERM reach every task).
+See docs/cluster.md.
 """
 from __future__ import annotations
 
@@ -74,8 +84,18 @@ class Preemption(L.Callback):
                         trainer.global_step)
         trainer._signal_connector.received_sigterm = True  # Lightning stops at the end of this step
 
+    def _any_rank(self, trainer) -> bool:
+        """Whether any rank got a signal: the decision is collective, so every rank stops after the same step (a
+        rank that stopped alone would leave the others waiting in their next collective)."""
+        got = self.received is not None
+        if trainer.world_size > 1:
+            got = bool(trainer.strategy.reduce_boolean_decision(got, all=False))
+            if got and self.received is None:
+                self.received = "a signal to another rank"
+        return got
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.received is None:
+        if not self._any_rank(trainer):
             return
         if SafeCheckpoint._validation_follows(trainer):
             self._stop_after_validation = True  # stopping now would interrupt the validation that follows
@@ -83,7 +103,7 @@ class Preemption(L.Callback):
             self._stop(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self.received is not None and trainer.training is False and trainer.state.fn == "fit":
+        if trainer.training is False and trainer.state.fn == "fit" and self._any_rank(trainer):
             self._stop(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
