@@ -47,6 +47,7 @@ from llama2_lit.modules.sft import RSDistillModule, SFTModule
 from llama2_lit.options import validate
 from llama2_lit.plan import plan_from_cfg
 from llama2_lit.stages import bootstrap, collect, context_distill, gatt, pipeline, rs
+from llama2_lit.stages.loggers import instantiate_loggers
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def build(cfg: DictConfig):
     """
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = instantiate_loggers(cfg)  # a logger whose package is missing: one line naming it and the pip command
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(EpochEndResume())  # ckpt_path= at an epoch's end: the next epoch's data, not the one after

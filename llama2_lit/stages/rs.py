@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
 from data_modules.annotations import prompt_id
@@ -61,6 +60,7 @@ from llama2_lit.generation.engine import Engine, Sampling
 from llama2_lit.models.tokenizers import tokenizer_fingerprint
 from llama2_lit.scoring import GoldScorer, RMScorer, build_scorer, gated  # noqa: F401 (RMScorer: re-exported)
 from llama2_lit.scoring import folder_fingerprint as _folder_fingerprint
+from llama2_lit.stages.loggers import instantiate_loggers
 from llama2_lit.stages.common import derived_seed, load_policy, setup_prompt_run
 from llama2_lit.stages.rs_bag import (Bag, _atomic_write_text, best_of_n_curves, max_median_figure, pick_temperature,
                                       reward_table, select_best, selection_iterations, settings_key)
@@ -431,10 +431,7 @@ def _select(bag: Bag, it: int, rs: DictConfig, scorer, out: Path) -> tuple[dict[
 
 
 def _log_tensorboard(cfg: DictConfig, mx: torch.Tensor, md: torch.Tensor, fig) -> None:
-    for node in (cfg.get("logger") or {}).values():
-        if node is None:
-            continue
-        logger = instantiate(node)
+    for logger in instantiate_loggers(cfg):
         for n in range(1, len(mx) + 1):
             logger.log_metrics({"rs/reward_max": float(mx[n - 1]), "rs/reward_median": float(md[n - 1])}, step=n)
         experiment = getattr(logger, "experiment", None)
