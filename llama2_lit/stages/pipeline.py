@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from llama2_lit import run_lock
+from llama2_lit.stages.loggers import instantiate_loggers
 from llama2_lit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -321,18 +322,27 @@ def execute(steps: Sequence[Step], runner: Callable[[Step, list[str]], None], ti
     """Run every unfinished step in order through ``runner(step, extra_overrides)``; returns seconds per step run
     now (finished steps are logged and skipped)."""
     timings = json.loads(timings_file.read_text()) if timings_file and timings_file.is_file() else {}
-    for step in steps:
+    t_start = time.perf_counter()
+    ran = 0
+    for i, step in enumerate(steps, 1):
         if step.finished():
-            log.info("pipeline: %s finished earlier: skipped", step.name)
+            log.info("pipeline: step %d/%d: %s finished earlier: skipped", i, len(steps), step.name)
             continue
         resume = _resume_overrides(step)
-        log.info("pipeline: %s %s", "resuming" if resume or step.dir.exists() else "running", step.name)
+        # progress: the steps' count and, from the steps run so far, a rough ETA (steps differ a lot in length)
+        eta = ""
+        if ran:
+            per = (time.perf_counter() - t_start) / ran
+            eta = f" (about {per * (len(steps) - i + 1) / 60:.0f} min left at {per:.0f} s per step so far)"
+        log.info("pipeline: step %d/%d: %s %s%s", i, len(steps), "resuming" if resume or step.dir.exists() else
+                 "running", step.name, eta)
         t0 = time.perf_counter()
         runner(step, resume)
         if not step.finished():
             raise UserError(f"pipeline: step {step.name} ended without {step.dir / step.done}; see its "
                             f"__main__.log")
         timings[step.name] = time.perf_counter() - t0
+        ran += 1
         if timings_file:
             tmp = timings_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(timings, indent=2) + "\n")
@@ -366,6 +376,9 @@ def _manifest(root: Path, settings: dict[str, Any]) -> None:
         old.setdefault("rs_temperature", None)
         old.setdefault("rs_bag_all_from", None)
         old.setdefault("students", [])
+        for k in settings:  # a step kind added since (e.g. dpo_overrides): the old pipeline had none of its overrides
+            if k.endswith("_overrides"):
+                old.setdefault(k, [])
         keys = sorted(set(old) | set(settings))
         diff = [k for k in keys if old.get(k) != settings.get(k) and k != "iterations"]
         if diff:
@@ -684,32 +697,60 @@ def _overopt_lines(root: Path, scorer: str) -> list[str]:
 
 
 def _figure(rows: list[dict[str, Any]], out: Path) -> None:
+    """``report.png``, four panels per iteration: gold helpfulness (greedy and T=1, standard errors as error bars),
+    gold safety on its own axis, the RMs' validation accuracy, and RS max / median@K with PPO's KL on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    nan = float("nan")
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    its = [r["iteration"] for r in rows if r.get("gold_helpfulness") is not None]
-    ax[0].plot(its, [r["gold_helpfulness"] for r in rows if r.get("gold_helpfulness") is not None], "o-",
-               label="gold helpfulness (greedy)")
-    ax[0].plot(its, [nan if r.get("gold_sampled") is None else r["gold_sampled"] for r in rows
-                     if r.get("gold_helpfulness") is not None], "^-",
-               label="gold helpfulness (T=1 samples)")
-    ax[0].plot(its, [r.get("gold_safety") for r in rows if r.get("gold_helpfulness") is not None], "s--",
-               label="gold safety (safety prompts)")
-    ax[0].set_xlabel("iteration (0 = SFT)")
-    ax[0].set_title("Policy on held-out prompts")
-    ax[0].legend()
-    rm = [r for r in rows if r.get("rm_helpfulness_acc") is not None]
-    ax[1].plot([r["iteration"] for r in rm], [r["rm_helpfulness_acc"] for r in rm], "o-", label="helpfulness RM")
-    ax[1].plot([r["iteration"] for r in rm], [r.get("rm_safety_acc") for r in rm], "s--", label="safety RM")
-    ax[1].set_xlabel("iteration")
-    for a in ax:
+    def series(key, se_key=None, rs=rows):
+        pts = [(r["iteration"], r[key], r.get(se_key) if se_key else None) for r in rs if r.get(key) is not None]
+        return ([x for x, _, _ in pts], [y for _, y, _ in pts],
+                [0.0 if e is None else e for _, _, e in pts] if se_key else None)
+
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
+    a = ax[0][0]
+    for key, se, style, label in (("gold_helpfulness", "gold_helpfulness_se", "o-", "greedy"),
+                                  ("gold_sampled", "gold_sampled_se", "^-", "T=1 samples")):
+        x, y, e = series(key, se)
+        if x:
+            a.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=label)
+    a.set_title("Gold helpfulness, held-out prompts (± SE)")
+    a.set_ylabel("gold helpfulness")
+    a.legend()
+    a = ax[0][1]
+    x, y, _ = series("gold_safety")
+    a.plot(x, y, "s--", color="tab:green")
+    a.set_title("Gold safety on safety prompts (greedy)")
+    a.set_ylabel("gold safety")
+    a.set_ylim(min([0.9, *y]) - 0.02 if y else 0.0, 1.01)
+    a = ax[1][0]
+    for key, style, label in (("rm_helpfulness_acc", "o-", "helpfulness RM"), ("rm_safety_acc", "s--", "safety RM"),
+                              ("rm_onpolicy_acc", "d:", "helpfulness RM on policy samples")):
+        x, y, _ = series(key)
+        if x:
+            a.plot(x, y, style, label=label)
+    a.set_title("Reward models: pairwise accuracy")
+    a.set_ylabel("accuracy")
+    a.legend()
+    a = ax[1][1]
+    for key, style, label in (("rs_max", "o-", "RS max@K"), ("rs_median", "^-", "RS median@K")):
+        x, y, _ = series(key)
+        if x:
+            a.plot(x, y, style, label=label)
+    a.set_ylabel("RS reward (the scorer's)")
+    a.set_title("Rejection sampling and PPO")
+    x, y, _ = series("ppo_kl")
+    if x:
+        b = a.twinx()
+        b.plot(x, y, "x", color="tab:red", markersize=10, label="PPO KL (nats)")
+        b.set_ylabel("PPO KL to the reference (nats)")
+        b.legend(loc="lower right")
+    a.legend(loc="upper left")
+    for a in ax.flat:
+        a.set_xlabel("iteration (0 = SFT)")
         a.xaxis.get_major_locator().set_params(integer=True)
-    ax[1].set_title("Reward model validation accuracy")
-    ax[1].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -723,6 +764,7 @@ def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_
     p = OmegaConf.to_container(cfg.pipeline, resolve=True)
     if int(p["iterations"]) < 1:
         raise UserError(f"pipeline.iterations must be >= 1, got {p['iterations']}")
+    loggers = instantiate_loggers(cfg)  # before any step: a logger whose package is missing stops here
     root = Path(p["root"])
     common = [f"model={cfg.model.name}", f"seed={cfg.seed}", f"paths.output_root={cfg.paths.output_root}",
               f"paths.cache_dir={cfg.paths.cache_dir}",
@@ -761,4 +803,16 @@ def run(cfg: DictConfig, runner: Callable[[Step, list[str]], None] = subprocess_
         if first.get(key) is not None:
             metrics[f"pipeline/start_{key}"] = float(first[key])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    for lg in loggers:  # every iteration's numeric report values (x axis: the iteration), then the final metrics
+        for row in rows:
+            values = {}
+            for k, v in row.items():
+                for k2, x in (v.items() if isinstance(v, dict) else [("", v)]):  # student_<n>/<name>: a dict
+                    tag = f"pipeline/{k}/{k2}" if k2 else f"pipeline/{k}"
+                    if k != "iteration" and isinstance(x, (int, float)) and not isinstance(x, bool):
+                        # seconds: the iteration's, pipeline/seconds the total -> pipeline/iteration_seconds
+                        values[tag.replace("/", "/iteration_", 1) if tag in metrics else tag] = float(x)
+            lg.log_metrics(values, step=int(row["iteration"]))
+        lg.log_metrics(metrics, step=int(last["iteration"]))
+        lg.finalize("success")
     return metrics
