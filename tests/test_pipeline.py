@@ -471,3 +471,18 @@ def test_method_dpo_trains_the_policy_on_the_collected_pairs(tmp_path):
     text, rows = report(steps, {s.name: 60.0 for s in steps}, tmp_path)
     assert "Method: **DPO**" in text and rows[2]["rm_helpfulness_acc"] == 0.7 and rows[2]["ppo_kl"] == 0.25
     assert "| 2 | v2/dpo | 0.300 |" in text
+
+
+def test_a_pipeline_from_before_new_settings_resumes(make_cfg, tmp_path):
+    """pipeline.json files written before method, the RS schedule, students or dpo_overrides existed read those as
+    what the pipeline then did, so the same command resumes instead of being refused."""
+    over = ["stage=pipeline", f"pipeline.root={tmp_path / 'p'}", "pipeline.iterations=1", "pipeline.rs_bag_all_from=null"]
+    run(make_cfg(*over, out=tmp_path / "a"), runner=fake_runner([]))
+    manifest = tmp_path / "p" / "pipeline.json"
+    old = json.loads(manifest.read_text())
+    for key in ("method", "rs_temperature", "rs_bag_all_from", "students", "dpo_overrides"):
+        del old[key]
+    manifest.write_text(json.dumps(old))
+    run(make_cfg(*over, out=tmp_path / "b"), runner=fake_runner([]))  # no "other settings" refusal
+    with pytest.raises(UserError, match="rs_bag_all_from: was None, now 4"):  # the new default is a new setting
+        run(make_cfg(*over[:-1], out=tmp_path / "c"), runner=fake_runner([]))
