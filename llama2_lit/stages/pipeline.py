@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import time
@@ -322,18 +323,18 @@ def execute(steps: Sequence[Step], runner: Callable[[Step, list[str]], None], ti
     """Run every unfinished step in order through ``runner(step, extra_overrides)``; returns seconds per step run
     now (finished steps are logged and skipped)."""
     timings = json.loads(timings_file.read_text()) if timings_file and timings_file.is_file() else {}
-    t_start = time.perf_counter()
-    ran = 0
+    ran: list[float] = []  # seconds of the steps run by this call
     for i, step in enumerate(steps, 1):
         if step.finished():
             log.info("pipeline: step %d/%d: %s finished earlier: skipped", i, len(steps), step.name)
             continue
         resume = _resume_overrides(step)
-        # progress: the steps' count and, from the steps run so far, a rough ETA (steps differ a lot in length)
+        # progress: the steps' count and, once 3 steps ran, a rough ETA from their median time (steps differ a lot in
+        # length: SFT and PPO take minutes, collection seconds)
         eta = ""
-        if ran:
-            per = (time.perf_counter() - t_start) / ran
-            eta = f" (about {per * (len(steps) - i + 1) / 60:.0f} min left at {per:.0f} s per step so far)"
+        if len(ran) >= 3:
+            per = statistics.median(ran)
+            eta = f" (roughly {per * (len(steps) - i + 1) / 60:.0f} min left at a median {per:.0f} s per step so far)"
         log.info("pipeline: step %d/%d: %s %s%s", i, len(steps), "resuming" if resume or step.dir.exists() else
                  "running", step.name, eta)
         t0 = time.perf_counter()
@@ -342,7 +343,7 @@ def execute(steps: Sequence[Step], runner: Callable[[Step, list[str]], None], ti
             raise UserError(f"pipeline: step {step.name} ended without {step.dir / step.done}; see its "
                             f"__main__.log")
         timings[step.name] = time.perf_counter() - t0
-        ran += 1
+        ran.append(timings[step.name])
         if timings_file:
             tmp = timings_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(timings, indent=2) + "\n")
