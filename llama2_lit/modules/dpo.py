@@ -24,12 +24,13 @@ import torch
 
 from callbacks.rating_buckets import RatingBucketAccuracy, RatingBucketCallback
 from data_modules.pairwise import concat_pairs
-from llama2_lit.core.losses import DPO_LOSSES, dpo_loss, sequence_logps, token_logprobs
+from llama2_lit.core.losses import DPO_LOSSES, dpo_loss, token_logprobs
 from llama2_lit.core.stats import mean_and_se
 from llama2_lit.errors import UserError
 from llama2_lit.generation.engine import Engine, Sampling
 from llama2_lit.models.loading import model_dtype
 from llama2_lit.models.lora import is_lora
+from llama2_lit.models.reward import answer_logps  # noqa: F401 (DPO's log-probs; re-exported)
 from llama2_lit.models.sharding import configure_sharded, is_sharded
 from llama2_lit.modules.reward import require_pairs
 from llama2_lit.modules.sft import SFTModule
@@ -39,14 +40,6 @@ log = logging.getLogger(__name__)
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(1) - 1).clamp(min=0)
-
-
-def answer_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, answer_mask: torch.Tensor,
-                 average: bool = False) -> torch.Tensor:
-    """Summed (``average``: mean) log-probs (N,) of the answer tokens of N right-padded rows (N, T)."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits
-    lp = token_logprobs(logits[:, :-1], ids[:, 1:])  # (N, T-1): position t predicts token t+1
-    return sequence_logps(lp, answer_mask[:, 1:], average=average)
 
 
 class DPOModule(SFTModule):

@@ -1,4 +1,4 @@
-"""RewardModule: a scalar-head Llama trained on preference pairs with the Llama 2 ranking loss."""
+"""RewardModule: a scalar-head (or likelihood-head) Llama trained on preference pairs with the Llama 2 ranking loss."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +14,7 @@ from llama2_lit.errors import UserError
 from llama2_lit.core.losses import ranking_loss, safety_aux_loss
 from llama2_lit.models.loading import model_dtype
 from llama2_lit.models.lora import merge_lora
-from llama2_lit.models.reward import export_reward_model, load_reward_model, rewards, score
+from llama2_lit.models.reward import export_reward_model, load_reward_model, reward_head, rewards, score
 from llama2_lit.models.sharding import configure_sharded
 from llama2_lit.modules.optim import adamw_cosine
 
@@ -44,6 +44,9 @@ class RewardModule(L.LightningModule):
         freeze_layers: freeze embeddings and the lowest N decoder layers (negative: all but the top -N);
             null = ``model_cfg.freeze_layers`` or 0.
         reward_name, margin: recorded in the exported ``config.json`` (``llama2_lit``), nothing else.
+        head: ``scalar`` (the paper: a new linear head on the last token) or ``likelihood`` (the checkpoint's LM
+            head kept; the reward is the answer's mean token log-prob, see ``llama2_lit.models.reward``).
+        contrast: the likelihood head's weight on the answer's prompt-free log-prob (``models.reward.rewards``).
         safety_aux_weight: w > 0 adds ``w x`` :func:`llama2_lit.core.losses.safety_aux_loss` (binary cross-entropy of
             σ(r) against each answer's safety, from the pairs' safety bins) to the ranking loss; logged as
             ``train/safety_aux_loss``. 0 (default): the ranking loss alone. Table 29's ablation.
@@ -56,23 +59,29 @@ class RewardModule(L.LightningModule):
                  betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-5, warmup_steps: int = 5,
                  warmup_ratio: float = 0.03, min_lr_ratio: float = 0.1, pairs_per_step: int = 512,
                  freeze_layers: int | None = None, reward_name: str | None = None, margin: str | None = None,
-                 safety_aux_weight: float = 0.0):
+                 safety_aux_weight: float = 0.0, head: str = "scalar", contrast: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        self.model = load_reward_model(dict(model_cfg), tokenizer, freeze_layers=freeze_layers)
+        self.model = load_reward_model(dict(model_cfg), tokenizer, freeze_layers=freeze_layers, head=head,
+                                       contrast=contrast)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         self.bucket_metric = RatingBucketAccuracy()
 
     # -- scoring --------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (N,) float32 for (N, T) right-padded rows."""
-        return rewards(self.model, input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (N,) float32 for (N, T) right-padded rows (a likelihood head needs the answer mask)."""
+        return rewards(self.model, input_ids, attention_mask, answer_mask)
 
     def pair_rewards(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(chosen (B,), rejected (B,))`` rewards from one forward over the 2B concatenated rows."""
         ids, mask = concat_pairs(batch, self.model.config.pad_token_id)  # (2B, T)
-        r = self(ids, mask)  # (2B,)
+        amask = None
+        if reward_head(self.model) == "likelihood":
+            amask = torch.cat([batch["chosen_answer_mask"], batch["rejected_answer_mask"]]).to(ids.device)
+            amask = torch.nn.functional.pad(amask, (0, ids.shape[1] - amask.shape[1]))
+        r = self(ids, mask, amask)  # (2B,)
         b = batch["chosen_input_ids"].shape[0]
         return r[:b], r[b:]
 
