@@ -77,9 +77,18 @@ class RMScorer:
                                    max_length=self.max_length).double())
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self._score("helpfulness", prompts, responses)
-        s = self._score("safety", prompts, responses) if "safety" in self.models else torch.full_like(h, math.nan)
-        return h, s
+        """``(helpfulness, safety)`` (B,) each; a (prompt, response) pair that repeats (K samples of a small policy
+        often do) is scored once."""
+        keys = [(p if isinstance(p, str) else json.dumps(p, sort_keys=True), r) for p, r in zip(prompts, responses)]
+        first: dict[tuple[str, str], int] = {}  # each distinct pair -> the index of its first occurrence
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        slot = {k: j for j, k in enumerate(first)}
+        ps, rs = [prompts[i] for i in first.values()], [responses[i] for i in first.values()]
+        h = self._score("helpfulness", ps, rs)
+        s = self._score("safety", ps, rs) if "safety" in self.models else torch.full_like(h, math.nan)
+        back = torch.tensor([slot[k] for k in keys], dtype=torch.long)
+        return h[back], s[back]
 
 
 def gated(helpful: torch.Tensor, safety: torch.Tensor, is_safety: torch.Tensor, threshold: float) -> torch.Tensor:

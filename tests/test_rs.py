@@ -286,6 +286,32 @@ def test_reward_model_with_another_tokenizer_scores_through_text(tok, cache_dir,
     assert torch.isnan(s).all()  # no safety RM: R_c is the helpfulness score
 
 
+def test_repeated_samples_are_scored_once(tok, tmp_path, monkeypatch):
+    from llama2_lit.models.reward import export_reward_model, load_reward_model
+    from llama2_lit.stages.rs import RMScorer
+
+    dims = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "max_position_embeddings": 128}
+    torch.manual_seed(0)
+    export_reward_model(load_reward_model({"config": dims}, tok), tok, tmp_path / "h")
+    export_reward_model(load_reward_model({"config": dims}, tok), tok, tmp_path / "s")
+    scorer = RMScorer(str(tmp_path / "h"), str(tmp_path / "s"), tok)
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompts = ["What is 2 + 3?", "What is 2 + 3?", "Reverse the word: cat", "What is 2 + 3?", chat, chat]
+    answers = ["5", "6", "tac", "5", "5", "5"]
+    alone = [scorer([p], [a]) for p, a in zip(prompts, answers)]
+    seen = []
+    real = RMScorer._score
+    monkeypatch.setattr(RMScorer, "_score", lambda self, name, ps, rs: seen.append((name, list(rs))) or real(
+        self, name, ps, rs))
+    h, s = scorer(prompts, answers)
+    # 4 distinct (prompt, answer) pairs, in first-seen order; a chat prompt is its own key
+    assert seen == [("helpfulness", ["5", "6", "tac", "5"]), ("safety", ["5", "6", "tac", "5"])]
+    torch.testing.assert_close(h, torch.cat([a[0] for a in alone]))
+    torch.testing.assert_close(s, torch.cat([a[1] for a in alone]))
+    assert h[0] == h[3] and h[0] != h[1]
+
+
 # ------------------------------------------------------------------------------------------- rs_distill
 
 
