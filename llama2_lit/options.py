@@ -257,10 +257,11 @@ class Pipeline:
     seed: int
     collect_previous_policy: bool
     scorer: Scorer
-    rm_init: str                   # policy | previous
+    rm_init: Literal["policy", "previous", "rm_sft"]
     method: Literal["rs_ppo", "dpo"]
     common_overrides: list[str]
     sft_overrides: list[str]
+    rm_sft_overrides: list[str]    # rm_init=rm_sft: the RMs' own SFT run
     collect_overrides: list[str]
     rm_overrides: list[str]
     rm_helpfulness_overrides: list[str]

@@ -81,6 +81,42 @@ def test_rm_init_previous_carries_the_reward_models_over(tmp_path):
         plan(opts(tmp_path, rm_init="last"), [], None)
 
 
+def test_rm_init_rm_sft_trains_the_reward_models_own_chat_model_first(tmp_path):
+    o = opts(tmp_path, iterations=2, rm_init="rm_sft", sft_overrides=["model.config.num_hidden_layers=2"],
+             rm_sft_overrides=["model.config.num_hidden_layers=6"], evaluate=False)
+    steps = plan(o, ["model=tiny"], None)
+    t = str(tmp_path)
+    assert [s.name for s in steps][:3] == ["v0/sft", "v0/rm_sft", "v1/collect"]
+    by = {s.name: s for s in steps}
+    rm_sft = by["v0/rm_sft"]
+    # its own SFT run from scratch at its own shape: not the policy's shape, not a given policy checkpoint
+    assert rm_sft.overrides == ["stage=sft", "model=tiny", "model.path=null", "model.config.num_hidden_layers=6"]
+    assert rm_sft.policy_out == f"{t}/v0/rm_sft/hf"
+    assert "model.config.num_hidden_layers=2" in by["v0/sft"].overrides
+    for k in (1, 2):  # every iteration's RMs start from it; the policy's chain is unchanged
+        for reward in ("helpfulness", "safety"):
+            assert arg(by[f"v{k}/rm_{reward}"], "model.path") == f"{t}/v0/rm_sft/hf"
+    assert arg(by["v2/rs"], "model.path") == f"{t}/v1/rs_distill/hf"
+    assert arg(by["v2/collect"], "model.path") == f"{t}/v1/rs_distill/hf"
+    # the held-out comparison starts from the policy's SFT, not from the reward models' chat model
+    compare = next(s for s in plan({**o, "evaluate": True}, ["model=tiny"], None) if s.name == "eval/compare")
+    assert compare.overrides[:3] == [f"{t}/v0/sft/hf", f"{t}/v1/rs_distill/hf", f"{t}/v2/rs_distill/hf"]
+    # with a given starting policy the RMs' chat model is still trained
+    given = plan({**o, "iterations": 1}, [], "/ckpt/sft")
+    assert [s.name for s in given][:2] == ["v0/rm_sft", "v1/collect"]
+    # the report says who judges whom
+    execute(steps, fake_runner([]), None)
+    for d, cfg in (("v0/sft", {"num_hidden_layers": 2, "hidden_size": 64}),
+                   ("v0/rm_sft", {"num_hidden_layers": 4, "hidden_size": 128}),
+                   ("v1/rm_helpfulness", {"reward_head": "likelihood"}), ("v1/rm_safety", {})):
+        (tmp_path / d / "hf").mkdir(parents=True, exist_ok=True)
+        (tmp_path / d / "hf" / "config.json").write_text(json.dumps(cfg))
+    text, _ = report(steps, {s.name: 60.0 for s in steps}, tmp_path)
+    assert ("Judges: the policy has 2 layers x 64; the reward models start every iteration from v0/rm_sft, their own "
+            "chat model of 4 layers x 128 (its own held-out gold 0.000 greedy, – T=1); reward heads: helpfulness "
+            "likelihood, safety scalar.") in text
+
+
 def test_evaluation_steps(tmp_path):
     steps = {s.name: s for s in plan(opts(tmp_path), [], None)}
     t = str(tmp_path)

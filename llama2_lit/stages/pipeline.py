@@ -1,7 +1,7 @@
 """stage=pipeline: iterative RLHF V1..Vn as one resumable command (Llama 2 §3.2.3).
 
-    python -m llama2_lit stage=pipeline pipeline.name=demo pipeline.scorer=gold   (make demo: RS/PPO on the gold oracle)
-    python -m llama2_lit stage=pipeline pipeline.name=demo_rm                     (make demo-rm: on the trained RMs)
+    python -m llama2_lit stage=pipeline pipeline.name=demo                        (make demo: RS/PPO on the trained RMs)
+    python -m llama2_lit stage=pipeline pipeline.name=demo_gold pipeline.scorer=gold   (make demo-gold: the gold oracle)
 
 SFT on the demonstrations (skipped when ``model.path`` is given), then per iteration k = 1..N:
 
@@ -67,6 +67,9 @@ def _list(items: Sequence[str]) -> str:
     return "[" + ",".join(f"'{x}'" for x in items) + "]"
 
 
+RM_INITS = ("policy", "previous", "rm_sft")
+
+
 def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[Step]:
     """The ordered steps of a pipeline (pure: paths and overrides only, nothing runs).
 
@@ -115,9 +118,16 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
     pairs: list[str] = []
     previous, rms = None, {}
     rm_init = str(p.get("rm_init") or "policy")
-    if rm_init not in ("policy", "previous"):
+    if rm_init not in RM_INITS:
         raise UserError(f"pipeline.rm_init: unknown '{rm_init}' (policy: each iteration's RMs start from the latest "
-                        "policy, as in the paper; previous: from the previous iteration's RMs)")
+                        "policy, as in the paper; previous: from the previous iteration's RMs; rm_sft: from the RMs' "
+                        "own chat model, v0/rm_sft, shaped by pipeline.rm_sft_overrides)")
+    rm_base = None
+    if rm_init == "rm_sft":  # the RMs' own chat model, larger than the policy (the paper: larger RMs judge better)
+        d = root / "v0" / "rm_sft"
+        steps.append(Step("v0/rm_sft", 0, "rm_sft", d, ["stage=sft", *common, "model.path=null", *extra("rm_sft")],
+                          str(d / "hf")))
+        rm_base = str(d / "hf")
     for k in range(1, int(p["iterations"]) + 1):
         v = root / f"v{k}"
         seed_k = int(p["seed"]) * 1000 + k
@@ -140,7 +150,7 @@ def plan(p: dict[str, Any], common: list[str], model_path: str | None) -> list[S
             d = v / f"rm_{reward}"
             # rm_init: policy (the paper: each RM starts from the latest chat model) | previous (from V2 on, from the
             # previous iteration's RM, so that training accumulates over iterations)
-            init = previous_rms[reward] if rm_init == "previous" and previous_rms else policy
+            init = previous_rms[reward] if rm_init == "previous" and previous_rms else rm_base or policy
             steps.append(Step(f"v{k}/rm_{reward}", k, f"rm_{reward}", d,
                               ["stage=rm", "data=pairs", f"data.path={_list(pairs)}", f"reward={reward}", *common,
                                f"model.path={init}", *extra("rm"), *extra(f"rm_{reward}")]))
@@ -277,6 +287,8 @@ def evaluation_steps(p: dict[str, Any], steps: Sequence[Step], model_path: str |
     for s in steps:
         if s.kind.startswith("student"):  # a student's lineage: its last policy joins the comparison at the end
             students[s.kind.split(":", 1)[1]] = s.policy_out
+            continue
+        if s.kind == "rm_sft":  # the reward models' own chat model is no policy of the pipeline
             continue
         if s.policy_out:  # an iteration's policy is its last step's that makes one (rs_distill, ppo, cd, gatt)
             last_policy[s.iteration] = s.policy_out
@@ -509,6 +521,7 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
             lines += ["", f"Room for RLHF: {r.get('policy')} answers held-out prompts with gold {f(r.get('gold_helpfulness'))} "
                       f"(greedy) and {f(r.get('gold_sampled'))} (T=1); the best of {int(r['oracle_k'])} T=1 samples by "
                       f"the gold oracle (a perfect RM) scores {gold(r, 'oracle_best', 'oracle_best_se')}."]
+    lines += _judge_lines(steps)
     lines += _compare_lines(root) + _overopt_lines(root, scorer) + _stage_lines(steps)
     lines += _rm_pool_lines(rows) + _rs_schedule_lines(rows) + _student_lines(rows)
     lines += ["", "Helpfulness RM accuracy by rating bucket (Table 8's columns):", "",
@@ -531,6 +544,40 @@ def report(steps: Sequence[Step], timings: dict[str, float], root: Path) -> tupl
 
 def _json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _shape(hf: str | None) -> str:
+    """``"4 layers x 128"`` from an hf/ folder's config.json; ``"?"`` when it is not there."""
+    c = _json(Path(hf) / "config.json") if hf else None
+    return f"{c.get('num_hidden_layers')} layers x {c.get('hidden_size')}" if c else "?"
+
+
+def _judge_lines(steps: Sequence[Step]) -> list[str]:
+    """Who judges: the shape of the policy and of the reward models' starting checkpoint, and each RM's head."""
+    by = {s.name: s for s in steps}
+    rm = next((s for s in steps if s.kind == "rm_helpfulness"), None)
+    if rm is None:
+        return []
+    policy = next((s.policy_out for s in steps if s.kind == "sft"), None)
+    base = by.get("v0/rm_sft")
+    heads = []
+    for s in steps:
+        if s.kind in ("rm_helpfulness", "rm_safety") and s.iteration == rm.iteration:
+            c = _json(s.dir / "hf" / "config.json")
+            heads.append(f"{s.kind[3:]} {'?' if c is None else c.get('reward_head', 'scalar')}")
+    text = (f"Judges: the policy has {_shape(policy)}; " if policy else "Judges: ")
+    if base is not None:
+        m = _metrics(base)
+        text += (f"the reward models start every iteration from v0/rm_sft, their own chat model of "
+                 f"{_shape(base.policy_out)} (its own held-out gold {_fmt(m.get('eval/gold_helpfulness'))} greedy, "
+                 f"{_fmt(m.get('eval/gold_helpfulness_sampled'))} T=1)")
+    else:
+        text += "the reward models start from the policy of their iteration"
+    return ["", text + f"; reward heads: {', '.join(heads)}."]
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def _compare_lines(root: Path) -> list[str]:
