@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: help install run demo demo-rm test test-slow test-all soak bench bench-sft bench-rm bench-dpo bench-gen bench-ppo bench-gpu fetch-smollm2 clean
+.PHONY: help install run demo demo-gold test test-slow test-all soak bench bench-sft bench-rm bench-dpo bench-gen bench-ppo bench-gpu fetch-smollm2 clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -27,11 +27,11 @@ install: $(VENV)/.installed ## create .venv: pinned CPU torch first, then the pr
 run: install ## SFT on the tiny model and the synthetic world (the embedded default)
 	$(PY) -m llama2_lit stage=sft
 
-demo: install ## the whole recipe on model=tiny: SFT, 3 RLHF iterations (collect, RMs, RS, distill; PPO in the last), RS/PPO on the gold oracle
-	$(PY) -m llama2_lit stage=pipeline pipeline.name=demo pipeline.scorer=gold
+demo: install ## the whole recipe on model=tiny: SFT, 3 RLHF iterations (collect, RMs, RS, distill; PPO in the last), RS/PPO on the trained RMs
+	$(PY) -m llama2_lit stage=pipeline pipeline.name=demo pipeline.scorer=rm
 
-demo-rm: install ## the same loop with RS and PPO scored by each iteration's trained 4-layer RMs (the paper's setting; they are too weak here)
-	$(PY) -m llama2_lit stage=pipeline pipeline.name=demo_rm pipeline.scorer=rm
+demo-gold: install ## the same loop with RS and PPO scored by the world's gold oracle (a perfect RM): the ceiling
+	$(PY) -m llama2_lit stage=pipeline pipeline.name=demo_gold pipeline.scorer=gold
 
 test: install ## the test suite (fast; no network; real-data tests skip without ../shared)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
