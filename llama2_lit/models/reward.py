@@ -194,7 +194,9 @@ def score(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: S
 
 def export_reward_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path,
                         metadata: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Save ``model`` and ``tokenizer`` to ``path`` (``AutoModelForSequenceClassification``-ready).
+    """Save ``model`` and ``tokenizer`` to ``path`` (``AutoModelForSequenceClassification``-ready; a likelihood
+    head: ``AutoModelForCausalLM``-ready, its ``reward_head`` / ``reward_contrast`` / ``reward_prompt_free_ids`` in
+    ``config.json``).
 
     ``metadata`` (e.g. ``{"reward": "safety", "margin": "small"}``) is stored in ``config.json`` under
     ``llama2_lit``. Frozen parameters are saved like any other. ``dtype``: the stored weights' dtype
@@ -214,7 +216,8 @@ def export_reward_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
 
 def load_exported(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
                   on_meta: bool = False):
-    """``(model, tokenizer)`` of an exported reward model folder, in eval mode.
+    """``(model, tokenizer)`` of an exported reward model folder, in eval mode: a sequence classifier, or a causal LM
+    when ``config.json`` says ``reward_head: likelihood``.
 
     ``on_meta``: no weight is read; the model is built from the folder's config on the meta device (``device`` is
     ignored) and records the folder (``checkpoint_source``), so that a sharded run (``trainer=fsdp``) fills each
