@@ -143,6 +143,11 @@ def rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return r
 
 
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (N, T) of rows padded on either side: 0 at each row's first real token."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 def prompt_free_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The token ids that precede an answer to an empty user message (the chat template's generation prompt)."""
     return render(tokenizer, [{"role": "user", "content": ""}], add_generation_prompt=True)
@@ -151,8 +156,7 @@ def prompt_free_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def answer_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, answer_mask: torch.Tensor,
                  average: bool = False) -> torch.Tensor:
     """Summed (``average``: mean) log-probs (N,) of the answer tokens of N right-padded rows (N, T) under a causal LM."""
-    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=False).logits
     lp = token_logprobs(logits[:, :-1], ids[:, 1:])  # (N, T-1): position t predicts token t+1
     return sequence_logps(lp, answer_mask[:, 1:], average=average)
 

@@ -30,16 +30,12 @@ from llama2_lit.errors import UserError
 from llama2_lit.generation.engine import Engine, Sampling
 from llama2_lit.models.loading import model_dtype
 from llama2_lit.models.lora import is_lora
-from llama2_lit.models.reward import answer_logps  # noqa: F401 (DPO's log-probs; re-exported)
+from llama2_lit.models.reward import answer_logps, mask_positions  # noqa: F401 (answer_logps: re-exported)
 from llama2_lit.models.sharding import configure_sharded, is_sharded
 from llama2_lit.modules.reward import require_pairs
 from llama2_lit.modules.sft import SFTModule
 
 log = logging.getLogger(__name__)
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
 class DPOModule(SFTModule):
@@ -166,7 +162,7 @@ class DPOModule(SFTModule):
         t = resp.shape[1]
         with torch.no_grad():
             def lp(model):
-                out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
+                out = model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=False,
                             logits_to_keep=t + 1)
                 return (token_logprobs(out.logits[:, :-1], resp) * rmask).sum(1)
             pol = lp(self.model)

@@ -45,6 +45,7 @@ from llama2_lit.errors import UserError
 from llama2_lit.generation.engine import Engine
 from llama2_lit.generation.sampling import Rollout, Sampling
 from llama2_lit.models.loading import load_causal_lm, model_dtype, save_pretrained_as, torch_dtype
+from llama2_lit.models.reward import mask_positions
 from llama2_lit.models.sharding import configure_sharded, gathered, is_sharded, local_numel, lockstep_forwards
 from llama2_lit.models.value import load_value_model, token_values
 from llama2_lit.modules.optim import adamw_per_model
@@ -237,10 +238,6 @@ class PPOModule(L.LightningModule):
         return batch  # prompt records (text and safety tag): nothing to move
 
     # -- forward passes ---------------------------------------------------------------------------------
-    @staticmethod
-    def _positions(mask: torch.Tensor) -> torch.Tensor:
-        return (mask.long().cumsum(1) - 1).clamp(min=0)
-
     def _response_logits(self, model, ids, mask, pos, t: int) -> torch.Tensor:
         """Logits predicting the ``t`` response tokens (B, t, V): positions P-1 .. P+t-2."""
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=t + 1)
@@ -319,7 +316,7 @@ class PPOModule(L.LightningModule):
         resp = roll.response_ids.clone().to(dev)
         rmask = roll.response_mask.clone().to(dev).float()
         old_lp = roll.logprobs.clone().to(dev).float()
-        pos = self._positions(mask)
+        pos = mask_positions(mask)
         n, t = resp.shape
         micro = o.get("micro_batch_size") or o["mini_batch_size"]
         with torch.no_grad():
